@@ -1,0 +1,174 @@
+"""The pass manager: runs a pipeline over a ``gs.Graph`` with instruments around every pass.
+
+Instruments (after TVM's PassInstrument) see every pass before and after it runs.  ``after_pass`` may
+return a replacement graph: that is how ``--verify each`` rolls a bad pass back.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Iterable
+
+import onnx_graphsurgeon as gs
+
+from .errors import GraphoptError, PipelineError
+from .pass_base import Pass, PassContext, PassResult
+from .pipeline import Element, Fixpoint, PassSpec, Pipeline, PresetRef, format_pass, parse_pipeline
+from .report import PassRecord, Report, constant_bytes, op_histogram
+
+
+class PassCrashed(GraphoptError):
+    """A pass raised an exception: a bug in that pass, reported with its name."""
+
+    exit_code = 3
+
+    def __init__(self, pass_name: str, exc: BaseException):
+        super().__init__(f"pass '{pass_name}' crashed: {type(exc).__name__}: {exc}")
+        self.pass_name = pass_name
+        self.exc = exc
+
+
+class Instrument:
+    """Hooks around each pass. Subclass and override what you need."""
+
+    def run_begin(self, graph: gs.Graph, ctx: PassContext) -> None: ...
+
+    def before_pass(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> None: ...
+
+    def after_pass(self, p: Pass, graph: gs.Graph, ctx: PassContext, record: PassRecord) -> gs.Graph | None:
+        """Return a graph to continue with instead of ``graph`` (a rollback), or None."""
+        return None
+
+    def on_crash(self, p: Pass, graph: gs.Graph, ctx: PassContext, exc: BaseException) -> gs.Graph | None:
+        """Return a graph to continue with (recovering from the crash), or None to re-raise."""
+        return None
+
+    def run_end(self, graph: gs.Graph, ctx: PassContext) -> None: ...
+
+
+class _Node:
+    """A pipeline element with its pass instances built once."""
+
+    def __init__(self, el: Element):
+        if isinstance(el, PresetRef):
+            self.kind = "seq"
+            self.children = [_Node(e) for e in el.expand().elements]
+        elif isinstance(el, Fixpoint):
+            self.kind = "fixpoint"
+            self.max_iter = el.max_iter
+            self.children = [_Node(e) for e in el.body]
+        else:
+            self.kind = "pass"
+            self.pass_ = el.instantiate()
+            self.text = format_pass(self.pass_)
+
+
+class PassManager:
+    """Runs a pipeline.
+
+    >>> pm = PassManager("fold-constants,dce")
+    >>> graph = pm.run(graph, ctx)          # doctest: +SKIP
+    """
+
+    def __init__(self, pipeline: str | Pipeline, instruments: Iterable[Instrument] = ()):
+        self.pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        self.pipeline.validate()
+        self.instruments = list(instruments)
+        self._root = [_Node(e) for e in self.pipeline.elements]
+        self.report = Report(pipeline=str(self.pipeline))
+
+    @property
+    def passes(self) -> list[Pass]:
+        out: list[Pass] = []
+
+        def walk(nodes):
+            for n in nodes:
+                if n.kind == "pass":
+                    out.append(n.pass_)
+                else:
+                    walk(n.children)
+
+        walk(self._root)
+        return out
+
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> gs.Graph:
+        """Run the pipeline on ``graph`` (in place where no pass is rolled back) and return the result."""
+        ctx = ctx or PassContext()
+        for ins in self.instruments:
+            ins.run_begin(graph, ctx)
+        graph, _ = self._run_seq(self._root, graph, ctx, None)
+        for ins in self.instruments:
+            ins.run_end(graph, ctx)
+        return graph
+
+    def _run_seq(self, nodes: list[_Node], graph: gs.Graph, ctx: PassContext, it: int | None) -> tuple[gs.Graph, bool]:
+        changed = False
+        for n in nodes:
+            if n.kind == "pass":
+                graph, c = self._run_pass(n, graph, ctx, it)
+            elif n.kind == "seq":
+                graph, c = self._run_seq(n.children, graph, ctx, it)
+            else:
+                c = False
+                for i in range(1, n.max_iter + 1):
+                    graph, ci = self._run_seq(n.children, graph, ctx, i)
+                    c = c or ci
+                    if not ci:
+                        break
+                else:
+                    self.report.notes.append(f"fixpoint stopped after {n.max_iter} iterations without converging")
+            changed = changed or c
+        return graph, changed
+
+    def _run_pass(self, n: _Node, graph: gs.Graph, ctx: PassContext, it: int | None) -> tuple[gs.Graph, bool]:
+        p = n.pass_
+        for ins in self.instruments:
+            ins.before_pass(p, graph, ctx)
+        hist0 = op_histogram(graph)
+        bytes0 = constant_bytes(graph)
+        ctx.current_pass = p.name
+        t0 = time.perf_counter()
+        try:
+            result = p.run(graph, ctx)
+        except GraphoptError:
+            raise
+        except Exception as e:  # a bug in the pass: let an instrument recover, else report it by name
+            for ins in self.instruments:
+                g = ins.on_crash(p, graph, ctx, e)
+                if g is not None:
+                    rec = PassRecord(n.text, False, time.perf_counter() - t0, sum(hist0.values()), sum(hist0.values()),
+                                     bytes0, bytes0, iteration=it, status="crashed", detail=f"{type(e).__name__}: {e}")
+                    self.report.passes.append(rec)
+                    return g, False
+            raise PassCrashed(p.name, e) from e
+        finally:
+            ctx.current_pass = None
+        dt = time.perf_counter() - t0
+        if not isinstance(result, PassResult):
+            raise PassCrashed(p.name, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
+        hist1 = op_histogram(graph) if result.changed else hist0
+        delta = Counter(hist1)
+        delta.subtract(hist0)
+        rec = PassRecord(
+            name=n.text,
+            changed=bool(result.changed),
+            seconds=dt,
+            nodes_before=sum(hist0.values()),
+            nodes_after=sum(hist1.values()),
+            const_bytes_before=bytes0,
+            const_bytes_after=constant_bytes(graph) if result.changed else bytes0,
+            op_delta={k: v for k, v in sorted(delta.items()) if v},
+            stats=dict(result.stats),
+            skipped=list(result.skipped),
+            notes=list(result.notes),
+            iteration=it,
+        )
+        if result.changed:
+            ctx.cache.clear()  # analyses of the old graph are stale
+        self.report.passes.append(rec)
+        for ins in self.instruments:
+            g = ins.after_pass(p, graph, ctx, rec)
+            if g is not None:
+                graph = g
+                ctx.cache.clear()
+        return graph, rec.changed and rec.status == "ok"

@@ -1,0 +1,25 @@
+"""The -O presets, as pipeline text (explicit order: no pass is placed implicitly).
+
+-O0 does nothing; -O1 is lossless cleanup; -O2 adds portable fusions (standard ONNX ops only); -O3
+adds onnxruntime-specific fusions (com.microsoft contrib ops).  A preset only names passes that are
+registered; each pass family adds itself to the preset it belongs to here.
+"""
+from __future__ import annotations
+
+from .errors import PipelineError
+
+PRESETS: dict[str, str] = {
+    "O0": "",
+    "O1": "fixpoint{max-iter=4}(fold-constants,dce)",
+    "O2": "O1",
+    "O3": "O2",
+}
+
+
+def preset_pipeline(name: str):
+    from .pipeline import parse_pipeline
+
+    key = name.upper().lstrip("-")
+    if key not in PRESETS:
+        raise PipelineError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
+    return parse_pipeline(PRESETS[key])

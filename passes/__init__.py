@@ -1,0 +1,1 @@
+"""Built-in passes, installed as ``graphopt.passes``: one module per pass, registered on import."""

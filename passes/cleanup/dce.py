@@ -1,0 +1,40 @@
+"""``dce``: dead-code elimination.
+
+Removes nodes none of whose outputs reach a graph output, initializers and value_info nobody uses, in
+subgraph bodies too.  Graph inputs and outputs are never removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt.report import all_nodes
+
+
+def _count(graph: gs.Graph) -> tuple[int, int]:
+    nodes = list(all_nodes(graph))
+    consts = {id(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for n in nodes:
+        for a in n.attrs.values():
+            if isinstance(a, gs.Graph):
+                consts |= {id(t) for t in a.tensors().values() if isinstance(t, gs.Constant)}
+    return len(nodes), len(consts)
+
+
+@register_pass
+class DeadCodeElimination(Pass):
+    name = "dce"
+    description = "remove nodes, initializers and value_info that no graph output depends on"
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        n0, c0 = _count(graph)
+        graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
+        n1, c1 = _count(graph)
+        changed = (n0, c0) != (n1, c1)
+        return PassResult(changed, {"nodes_removed": n0 - n1, "initializers_removed": c0 - c1})

@@ -1,0 +1,1 @@
+"""Constant folding and shape simplification."""
