@@ -111,13 +111,7 @@ def optimize(
         if out.resolve() == src_path.resolve():
             raise InputError(f"{out}: refusing to overwrite the input model; choose another -o")
     if output is not None:
-        folder = Path(output).parent
-        if not folder.exists():
-            raise InputError(f"{folder}: output folder does not exist")
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{folder}: output folder is not writable")
-        if Path(output).is_dir():
-            raise InputError(f"{output}: is a directory")
+        ir.check_writable(output)
 
     t0 = time.perf_counter()
     original = ir.load(model)
@@ -149,7 +143,8 @@ def optimize(
     t0 = time.perf_counter()
     graph = pm.run(graph, ctx)
     t_passes = time.perf_counter() - t0
-    graph.toposort()
+    if any(r.changed for r in report.passes):
+        graph.toposort()  # passes may append nodes anywhere; an untouched graph keeps its order
     optimized = ir.export_graph(graph, original)
     report.after = model_summary(graph, optimized.ByteSize())
     lossy = any(not p.exact for p in pm.passes)

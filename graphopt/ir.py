@@ -87,13 +87,13 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
     """onnx.checker plus the structural checks the checker does not do (cycles, duplicate names)."""
+    check_structure(model.graph, what)  # first: its messages are more specific than the checker's
     try:
         if model.ByteSize() < _SIZE_LIMIT:
             onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
-    check_structure(model.graph, what)
 
 
 def check_structure(graph: onnx.GraphProto, what: str = "model", outer: set[str] | None = None) -> None:
@@ -223,15 +223,12 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory")
-    if not folder.exists():
-        raise InputError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{folder}: output folder is not writable")
+    folder = check_writable(path)
     big = model.ByteSize() >= _SIZE_LIMIT if external_data is None else external_data
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as e:
+        raise InputError(f"{folder}: cannot write there: {e.strerror}") from None
     try:
         staged = staging / path.name
         if big:
@@ -248,3 +245,20 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, with one line, if ``path`` cannot be written (probing for real: root ignores modes)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if not folder.exists():
+        raise InputError(f"{folder}: output folder does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from None
+    return folder
