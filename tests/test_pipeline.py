@@ -66,7 +66,7 @@ def test_preset_expands_and_prints_by_name():
     ("fixpoint{max-iter=0}(dce)", "max-iter"),
     ("Dce", "bad pass name"),
     ("dce;dce", "bad pass name"),
-    ("dce)", "unexpected ')'"),
+    ("dce)", "expected ',' at column 4, got ')'"),
 ])
 def test_errors(text, msg):
     with pytest.raises(PipelineError, match=re.escape(msg)):
