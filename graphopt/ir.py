@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
+from . import lineage
 from .errors import InputError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -162,14 +163,17 @@ def _outer_refs(g: onnx.GraphProto) -> set[str]:
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as e:  # gs raises plain exceptions on odd models
         raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
+    lineage.from_proto(graph, model.graph)  # which pass made each node, if graphopt wrote this model
+    return graph
 
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
     model = gs.export_onnx(graph, do_type_check=False)
+    lineage.to_proto(graph, model.graph)  # node metadata: the pass that created or changed it
     if template is not None:
         model.ir_version = template.ir_version
         model.producer_name = template.producer_name

@@ -208,6 +208,9 @@ def load_builtin_passes() -> None:
         print(f"graphopt: warning: could not load a 'graphopt.passes' entry point: {e}", file=sys.stderr)
 
 
+LOADED_PLUGINS: list[str] = []  # what load_plugin loaded (files as absolute paths), for reproducers
+
+
 def load_plugin(spec: str) -> None:
     """Import a module (dotted name) or a ``.py`` file that registers passes."""
     try:
@@ -215,6 +218,8 @@ def load_plugin(spec: str) -> None:
             path = Path(spec)
             if not path.is_file():
                 raise InputError(f"plugin file not found: {spec}")
+            if str(path.resolve()) not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(str(path.resolve()))
             mod_name = f"graphopt_plugin_{abs(hash(str(path.resolve())))}"
             if mod_name in sys.modules:
                 return
@@ -225,6 +230,8 @@ def load_plugin(spec: str) -> None:
             s.loader.exec_module(mod)
         else:
             importlib.import_module(spec)
+            if spec not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(spec)
     except InputError:
         raise
     except PipelineError:
