@@ -179,6 +179,7 @@ def optimize(
                 steps=[s.text for s in tracer.steps])
             trust.record_failure(tracer, step, repro, original=original, feeds=vfeeds, ctx=ctx, report=report,
                                  source=report.input)
+            msg += f" (reproducer: {repro})"
         trust.close(tracer)
         return VerificationError(msg, report.to_dict())
 

@@ -33,7 +33,9 @@ def print_summary(report: Report, console: Console) -> None:
             stats = ", ".join(f"{k}={v}" for k, v in d["stats"].items() if v)
             top = d["skipped"].most_common(1)
             refusal = f"{top[0][0]} (x{top[0][1]})" if top else ""
-            pt.add_row(name, str(d["runs"]), f"{d['seconds'] * 1000:.0f} ms", escape(stats), escape(refusal[:80]))
+            back = sum(1 for r in report.passes if r.name.split("{")[0] == name and r.status != "ok")
+            runs = str(d["runs"]) + (f" ([yellow]{back} rolled back[/yellow])" if back else "")
+            pt.add_row(name, runs, f"{d['seconds'] * 1000:.0f} ms", escape(stats), escape(refusal[:80]))
         console.print(pt)
     for n in report.notes:
         console.print(f"note: {escape(n)}")

@@ -662,6 +662,7 @@ class Divergence:
     diffs: list[TensorDiff]
     inputs_of_first: list[TensorDiff] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    b_producer: str = ""  # B's node for the first diverging tensor, with the pass that made it (lineage)
 
 
 def _topo_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -715,6 +716,12 @@ def localise_divergence(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Feeds, *,
             res.diffs.append(d)
             if not m.ok and res.first is None:
                 res.first = d
+                from .lineage import KEY
+
+                bn = next((x for x in b.graph.node if name in x.output), None)
+                if bn is not None:
+                    made = next((e.value for e in bn.metadata_props if e.key == KEY), "")
+                    res.b_producer = f"{bn.name or bn.op_type} ({bn.op_type}" + (f", made by pass '{made}')" if made else ", not changed by graphopt)")
                 for inp in n.input:
                     prev = next((x for x in res.diffs if x.tensor == inp), None)
                     if prev is not None:
@@ -744,7 +751,7 @@ def divergence_json(d: Divergence) -> dict:
         return {"node": t.node, "op": t.op, "tensor": t.tensor, "ok": t.ok, "order": t.order, **t.metrics.__dict__}
 
     return _jsonable({"compared": d.compared, "shared": d.shared, "skipped": d.skipped,
-                      "first_divergence": one(d.first) if d.first else None,
+                      "first_divergence": one(d.first) if d.first else None, "b_producer": d.b_producer,
                       "inputs_of_first": [one(t) for t in d.inputs_of_first]})
 
 
@@ -883,6 +890,8 @@ def print_divergence(d: Divergence, con) -> None:
     tol = f" tolerance={m.tolerance:.3g}" if m.tolerance is not None else ""
     con.print(f"    max_abs={m.max_abs:.3g}{tol} max_rel={m.max_rel:.3g} rel_l2={m.rel_l2:.3g} cosine={m.cosine:.6f}"
               + (f" ({m.reason})" if m.reason else ""))
+    if d.b_producer:
+        con.print(f"    in B it is produced by {d.b_producer}")
     for i in d.inputs_of_first:
         con.print(f"    input '{i.tensor}' (from {i.node}): {'matches' if i.ok else 'differs'} (max_abs={i.metrics.max_abs:.3g})")
     if not d.inputs_of_first:
