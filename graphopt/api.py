@@ -193,7 +193,11 @@ def optimize(
             vfeeds = [f for _, f in zip(range(4), calib())]
         if vfeeds is None:
             vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
-        verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald)
+        ref_outs = None
+        if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
+            vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
+        verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
+                                     reference_outputs=ref_outs)
         report.verification = verification.to_dict()
         if verification.status == "failed":
             raise failed(f"verification failed: {verification.reason}")
