@@ -63,7 +63,7 @@ class Snapshot:
             fd, name = tempfile.mkstemp(dir=folder, prefix="snapshot-", suffix=".onnx")
             os.close(fd)
             self.path = Path(name)
-            ir.save(model, self.path)
+            ir.save(model, self.path, external_data=True)  # weights in a side file: no 2 GB limit
             self.model = None
 
     def load(self) -> onnx.ModelProto:

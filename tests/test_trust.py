@@ -58,6 +58,30 @@ class CopyWeightsBuggy(Pass):
 
 
 @register_pass
+class PerturbWeights(Pass):
+    name = "perturb-weights"
+    exact = False
+    description = "lossy: add noise of `scale` x std to every Conv weight"
+
+    @dataclass(frozen=True)
+    class Options:
+        scale: float = 0.001
+
+    def run(self, graph, ctx):
+        rng = np.random.default_rng(0)
+        n = 0
+        for node in list(graph.nodes):
+            if node.op == "Conv" and isinstance(node.inputs[1], gs.Constant):
+                if not ctx.allow_rewrite(f"perturb {node.name}"):
+                    break
+                w = np.array(node.inputs[1].values)
+                noisy = (w + self.options.scale * w.std() * rng.standard_normal(w.shape)).astype(w.dtype)
+                node.inputs[1] = gs.Constant(node.inputs[1].name + f".p{n}", noisy)
+                n += 1
+        return PassResult(n > 0, {"perturbed": n})
+
+
+@register_pass
 class CrashAfterMutating(Pass):
     name = "crash-after-mutating"
     description = "turns the first Relu into a Sigmoid, then raises (a crashing pass that left a half-done graph)"
@@ -151,8 +175,11 @@ def test_verify_each_keeps_good_passes_and_snapshots_on_disk(tiny, plugin, tmp_p
     assert not any(t.name.endswith(".copy") for t in res.model.graph.initializer)
     _outputs_equal(tiny, res.model)
     # the reproducer's model is that snapshot: the model before the failing pass
-    rm = onnx.load(str(tmp_path / "o.repro" / "model.onnx"))
+    assert (tmp_path / "o.repro" / "model.onnx.data").exists()  # external data copied with the snapshot
+    rm = ir.load(tmp_path / "o.repro" / "model.onnx")
     assert len(rm.graph.node) == 15 and lineage.of_model(rm)
+    r = cli("optimize", "--replay", str(tmp_path / "o.repro"))
+    assert r.exit_code == 1 and "reproduced" in r.output
 
 
 def test_verify_each_rolls_back_a_crash_and_end_mode_reports_it(tiny, plugin, tmp_path):
@@ -170,6 +197,18 @@ def test_verify_each_rolls_back_a_crash_and_end_mode_reports_it(tiny, plugin, tm
     assert man["model_is"] == "the input model"
     r = cli("optimize", "--replay", str(tmp_path / "x.repro"))
     assert r.exit_code == 3 and "reproduced: pass 'crash-after-mutating' crashed: ValueError: boom" in r.output
+
+
+def test_lossy_passes_are_held_to_their_share_of_the_budget(tiny, plugin):
+    # two lossy passes share min-cosine 0.98: each may use 0.01 of cosine against the model before it
+    res = graphopt.optimize(tiny, "fold-constants,perturb-weights{scale=0.001},perturb-weights{scale=3}",
+                            verify="each", min_cosine=0.98)
+    recs = {r.name: r for r in res.report.passes}
+    assert recs["perturb-weights{scale=0.001}"].status == "ok"
+    assert "budget share" in recs["perturb-weights{scale=0.001}"].detail
+    bad = recs["perturb-weights{scale=3}"]
+    assert bad.status == "rolled-back" and "< 0.990000" in bad.detail, bad.detail
+    assert res.verification.status == "passed" and res.verification.outputs[0].cosine > 0.99
 
 
 def test_budget_share_splits_the_deficit():
