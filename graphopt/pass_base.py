@@ -218,8 +218,6 @@ def load_plugin(spec: str) -> None:
             path = Path(spec)
             if not path.is_file():
                 raise InputError(f"plugin file not found: {spec}")
-            if str(path.resolve()) not in LOADED_PLUGINS:
-                LOADED_PLUGINS.append(str(path.resolve()))
             mod_name = f"graphopt_plugin_{abs(hash(str(path.resolve())))}"
             if mod_name in sys.modules:
                 return
@@ -228,6 +226,8 @@ def load_plugin(spec: str) -> None:
             mod = importlib.util.module_from_spec(s)
             sys.modules[mod_name] = mod
             s.loader.exec_module(mod)
+            if str(path.resolve()) not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(str(path.resolve()))
         else:
             importlib.import_module(spec)
             if spec not in LOADED_PLUGINS:

@@ -775,7 +775,7 @@ def replay_cli(folder: str, model: str | None, output: str | None, con) -> None:
     print_replay(res, con)
     if output is not None and res.model is not None:
         ir.save(res.model, output)
-        con.print(f"wrote {output}")
+        con.print(f"wrote {output}", markup=False)
     if res.reproduced:
         raise SystemExit(3 if res.kind == "crash" else 1)
 
@@ -808,11 +808,15 @@ def register_cli(main) -> None:
             if as_json:
                 return
             lim = "none" if pr.limit is None else str(pr.limit)
-            state = "[green]ok[/green]" if pr.ok else f"[red]FAILS[/red] {pr.reason}"
+            from rich.markup import escape
+
+            state = "[green]ok[/green]" if pr.ok else f"[red]FAILS[/red] {escape(pr.reason)}"
             con.print(f"  rewrite-limit {lim:>5} ({pr.rewrites} rewrites applied): {state}")
 
         if not as_json:
-            con.print(f"bisect: {model} with '{passes}'")
+            from rich.markup import escape
+
+            con.print(f"bisect: {escape(model)} with '{escape(passes)}'")
         res = bisect(model, passes, inputs=inputs, input_shapes=_input_shapes(input_shape), min_cosine=min_cosine,
                      seed=seed, progress=progress)
         bound = math.log2(res.total_rewrites) + 2 if res.total_rewrites > 0 else 2
@@ -842,13 +846,15 @@ def _bisect_json(res: BisectResult, bound: float) -> dict:
 
 
 def _print_bisect(res: BisectResult, bound: float, con) -> None:
+    from rich.markup import escape as e
+
     if res.status == "passes":
         con.print(f"the full pipeline verifies ({res.total_rewrites} rewrites): nothing to bisect")
     elif res.status == "no-rewrite":
-        con.print(f"[red]{res.note}[/red]")
+        con.print(f"[red]{e(res.note)}[/red]")
         failing = res.bad
         if failing is not None:
-            con.print(f"  figures: {failing.reason}")
+            con.print(f"  figures: {e(failing.reason)}")
     else:
         idx, pname, desc = res.first_bad or (0, "?", "")
         k = 0  # which rewrite of this pass's run it is
@@ -857,34 +863,38 @@ def _print_bisect(res: BisectResult, bound: float, con) -> None:
                 break
             k += 1
         con.print(f"first bad rewrite: [bold]#{idx}[/bold] of {res.total_rewrites} (rewrite {k} of that run of the pass), "
-                  f"pass [bold]{pname}[/bold]: {desc}")
+                  f"pass [bold]{e(pname)}[/bold]: {e(desc)}")
         for k in ("created", "removed", "changed", "weights_changed", "weights_created"):
             if res.changes.get(k):
                 shown = res.changes[k][:8]
                 more = f" (+{len(res.changes[k]) - 8} more)" if len(res.changes[k]) > 8 else ""
-                con.print(f"  {k.replace('_', ' ')}: {', '.join(shown)}{more}")
+                con.print(f"  {k.replace('_', ' ')}: {e(', '.join(shown))}{more}")
         if res.bad is not None:
-            con.print(f"  with rewrite #{idx}: {res.bad.reason}")
+            con.print(f"  with rewrite #{idx}: {e(res.bad.reason)}")
             for m in res.bad.metrics:
-                con.print(f"    {m.name}: max_abs={m.max_abs:.3g} rel_l2={m.rel_l2:.3g} cosine={m.cosine:.6f}"
+                con.print(f"    {e(m.name)}: max_abs={m.max_abs:.3g} rel_l2={m.rel_l2:.3g} cosine={m.cosine:.6f}"
                           + ("" if m.top1_agreement is None else f" top1={m.top1_agreement:.3f}"))
         if res.good is not None:
-            con.print(f"  without it (rewrite-limit {res.good.limit}): verifies ({_figures(res.good.metrics)})")
+            con.print(f"  without it (rewrite-limit {res.good.limit}): verifies ({e(_figures(res.good.metrics))})")
     if res.note and res.status == "found":
-        con.print(f"[yellow]note[/yellow]: {res.note}")
+        con.print(f"[yellow]note[/yellow]: {e(res.note)}")
     con.print(f"verifications: {res.verifications} (log2({res.total_rewrites}) + 2 = {bound:.1f})")
 
 
 def print_replay(res: ReplayResult, con) -> None:
-    con.print(f"replay: pass '{res.pass_text}' on the recorded model ({res.nodes} nodes, {res.samples} input sample(s))")
-    con.print(f"  recorded: {res.kind}: {res.recorded}")
+    from rich.markup import escape as e
+
+    con.print(f"replay: pass '{e(res.pass_text)}' on the recorded model ({res.nodes} nodes, {res.samples} input sample(s))")
+    con.print(f"  recorded: {res.kind}: {e(res.recorded)}")
     if res.reproduced:
-        con.print(f"  [red]reproduced[/red]: {res.detail}")
+        con.print(f"  [red]reproduced[/red]: {e(res.detail)}")
     else:
-        con.print(f"  [green]not reproduced[/green]: {res.detail}")
+        con.print(f"  [green]not reproduced[/green]: {e(res.detail)}")
 
 
 def print_divergence(d: Divergence, con) -> None:
+    from rich.markup import escape as e
+
     con.print(f"intermediates: {d.compared} tensor(s) shared by name compared (of {d.shared})"
               + (f", {len(d.skipped)} could not be read" if d.skipped else ""))
     if d.first is None:
@@ -892,14 +902,14 @@ def print_divergence(d: Divergence, con) -> None:
         return
     f = d.first
     m = f.metrics
-    con.print(f"  [red]first divergence[/red]: node '{f.node}' ({f.op}), tensor '{f.tensor}' "
+    con.print(f"  [red]first divergence[/red]: node '{e(f.node)}' ({f.op}), tensor '{e(f.tensor)}' "
               f"(#{f.order + 1} in topological order)")
     tol = f" tolerance={m.tolerance:.3g}" if m.tolerance is not None else ""
     con.print(f"    max_abs={m.max_abs:.3g}{tol} max_rel={m.max_rel:.3g} rel_l2={m.rel_l2:.3g} cosine={m.cosine:.6f}"
-              + (f" ({m.reason})" if m.reason else ""))
+              + (f" ({e(m.reason)})" if m.reason else ""))
     if d.b_producer:
-        con.print(f"    in B it is produced by {d.b_producer}")
+        con.print(f"    in B it is produced by {e(d.b_producer)}")
     for i in d.inputs_of_first:
-        con.print(f"    input '{i.tensor}' (from {i.node}): {'matches' if i.ok else 'differs'} (max_abs={i.metrics.max_abs:.3g})")
+        con.print(f"    input '{e(i.tensor)}' (from {e(i.node)}): {'matches' if i.ok else 'differs'} (max_abs={i.metrics.max_abs:.3g})")
     if not d.inputs_of_first:
         con.print("    its inputs are not shared by name (graph inputs, weights, or renamed by a pass)")

@@ -234,7 +234,7 @@ def test_reproducer_replays_the_rolled_back_pass(tiny, plugin, tmp_path):
     assert (repro / "pipeline.txt").read_text().strip() == "copy-weights-buggy"
     man = json.loads((repro / "repro.json").read_text())
     assert man["kind"] == "verification" and man["exact"] is True and man["rewrites_before"] == 2
-    assert man["plugins"] == [str(Path(plugin).resolve())]
+    assert str(Path(plugin).resolve()) in man["plugins"]  # every plugin this process loaded
     # the model in the folder is the one before the failing pass: it verifies against the input
     _outputs_equal(tiny, str(repro / "model.onnx"))
     r = cli("optimize", "--replay", str(repro))
