@@ -218,6 +218,8 @@ def optimize(
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}
+    if isinstance(tracer, trust.VerifyEachInstrument):  # included in "passes"
+        report.seconds["verify_each"] = tracer.seconds
     return OptimizeResult(optimized, report, verification, out_path)
 
 

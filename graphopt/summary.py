@@ -56,7 +56,9 @@ def print_summary(report: Report, console: Console) -> None:
         console.print("verification: off")
     s = report.seconds
     if s:
-        console.print(f"time: {s.get('total', 0):.2f} s (passes {s.get('passes', 0):.2f} s, verify {s.get('verify', 0):.2f} s)"
+        console.print(f"time: {s.get('total', 0):.2f} s (passes {s.get('passes', 0):.2f} s"
+                      + (f" of which verify-each {s['verify_each']:.2f} s" if "verify_each" in s else "")
+                      + f", verify {s.get('verify', 0):.2f} s)"
                       + (f"; wrote {report.output}" if report.output else ""))
 
 
