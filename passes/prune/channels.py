@@ -1,0 +1,543 @@
+"""``prune-channels``: structured pruning that removes output channels, so the model gets smaller and faster.
+
+Channels are removed per *dependency group* (:func:`graphopt.analysis.channel_groups`): the output
+channels of a Conv / Gemm / MatMul together with every place they flow to: BatchNormalization
+parameters, biases, depthwise Conv filters (and their ``group``), per-channel constants of elementwise
+ops, the input channels of the next Conv / Gemm / MatMul, Flatten -> Gemm blocks and Concat offsets.
+Channels joined by a residual ``Add`` (or a gating ``Mul``) belong to one group, pruned with one
+shared choice of channels; a group the analysis cannot follow (Reshape, graph output, ...) is left alone
+and the reason goes into the report.
+
+Which channels: the L1 / L2 norm of each producer's output filter, scaled by the BatchNormalization
+that follows it (gamma / sqrt(var + eps)), normalised per producer and summed over the group
+(``criterion=act`` instead weighs each channel by its calibration activation energy times the norm of
+the consumer weights that read it).
+
+Accuracy recovery without training (with calibration data): for every tensor that a consumer reads,
+the removed channels are regressed on the kept ones over the calibration activations (least squares
+with a small ridge, one Gram matrix per tensor, streamed batch by batch); the consumer's weights for
+the kept channels absorb the regression and its bias absorbs the intercept.  For a Conv consumer this is
+exact algebra (a convolution is linear in its input channels); only the intercept at padded borders is
+approximate.
+
+``ratio`` removes that share of every prunable group; ``target-flops=0.7`` instead allocates ratios per
+group by measured sensitivity (output cosine with the group pruned alone, on calibration data) until
+the model's FLOPs reach 0.7x.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt.analysis import ChannelGroup, Member, channel_groups, flops
+from graphopt.rewrite import weight_used_only_by
+from graphopt.shapes import infer_shapes
+
+from .common import budget_notes, calibration_activations, matches, param_count, set_constant
+
+
+class _Refuse(Exception):
+    pass
+
+
+@dataclass
+class _Plan:
+    """Edits for one run: new values per constant, positions to delete per (constant, axis)."""
+
+    values: dict[int, np.ndarray]
+    consts: dict[int, gs.Constant]
+    deletes: dict[tuple[int, int], set[int]]
+    group_attr: dict[int, int]  # node index -> channels removed (depthwise Conv groups)
+    new_bias: dict[int, gs.Constant]
+
+    def get(self, c: gs.Constant) -> np.ndarray:
+        k = id(c)
+        if k not in self.values:
+            self.consts[k] = c
+            self.values[k] = np.array(c.values, dtype=np.float64 if np.dtype(c.dtype).kind == "f" else c.dtype)
+        return self.values[k]
+
+    def delete(self, c: gs.Constant, axis: int, positions) -> None:
+        self.get(c)
+        self.deletes.setdefault((id(c), axis), set()).update(int(p) for p in positions)
+
+
+def _consumer_axis(node: gs.Node) -> int:
+    return -1 if node.op == "MatMul" else 1
+
+
+def _bn_scale(node: gs.Node) -> np.ndarray:
+    gamma = np.asarray(node.inputs[1].values, np.float64)
+    var = np.asarray(node.inputs[4].values, np.float64)
+    return np.abs(gamma) / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+
+
+@register_pass
+class PruneChannels(Pass):
+    name = "prune-channels"
+    exact = False
+    description = "remove output channels of Conv/Gemm/MatMul (dependency groups), re-fit consumers from calibration data"
+
+    @dataclass(frozen=True)
+    class Options:
+        ratio: float = 0.3
+        criterion: Literal["auto", "obs", "l1", "l2", "act"] = "auto"
+        exclude: tuple[str, ...] = ()
+        include: tuple[str, ...] = ()
+        target_flops: Optional[float] = None
+        round_to: int = 1
+        recover: bool = True
+        ridge: float = 1e-3
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        from graphopt.errors import PipelineError
+
+        if not 0.0 <= o.ratio < 1.0:
+            raise PipelineError(f"prune-channels: ratio must be in [0, 1), got {o.ratio}")
+        if o.target_flops is not None and not 0.0 < o.target_flops <= 1.0:
+            raise PipelineError(f"prune-channels: target-flops must be in (0, 1], got {o.target_flops}")
+        if o.round_to < 1:
+            raise PipelineError("prune-channels: round-to must be >= 1")
+
+    # -- match / check ----------------------------------------------------------------------------
+    def _check(self, g: ChannelGroup, nodes: list[gs.Node], graph: gs.Graph) -> str | None:
+        if g.blocked:
+            return g.blocked
+        prods = [nodes[m.node] for m in g.of("producer")]
+        names = [n for p in prods for n in (p.name, p.inputs[1].name)]
+        if self.options.include and not matches(self.options.include, *names):
+            return "not included"
+        if matches(self.options.exclude, *names):
+            return "excluded"
+        for m in g.members:
+            node = nodes[m.node]
+            for t in self._touched(m, node):
+                if not isinstance(t, gs.Constant):
+                    return f"{node.name or node.op}: {t.name} is not an initializer"
+                if not weight_used_only_by(t, [node]):
+                    return f"{node.name or node.op}: {t.name} is shared with other nodes"
+                if np.dtype(t.dtype).kind != "f":
+                    return f"{node.name or node.op}: {t.name} is not floating point"
+        if g.size < 2:
+            return "a single channel"
+        return None
+
+    @staticmethod
+    def _touched(m: Member, node: gs.Node) -> list[gs.Tensor]:
+        ins = [t for t in node.inputs]
+        if m.kind in ("producer", "dwconv"):
+            return [t for t in ins[1:3] if t.name]
+        if m.kind == "consumer":
+            return [ins[1]] + ([ins[2]] if len(ins) > 2 and ins[2].name and node.op != "MatMul" else [])
+        if m.kind == "bn":
+            return ins[1:5]
+        if m.kind == "const":
+            return [ins[m.input_index]]
+        return []
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def _scores(self, g: ChannelGroup, nodes: list[gs.Node], grams: dict) -> np.ndarray:
+        total = np.zeros(g.size)
+        if self.options.criterion in ("act", "auto") and grams:
+            for m in g.of("consumer"):
+                node = nodes[m.node]
+                key = (m.tensor, m.offset, g.size, m.block)
+                if key not in grams:
+                    continue
+                energy = np.diag(grams[key][0])[: g.size] / max(grams[key][1], 1)
+                w = self._consumer_columns(node, m, g.size)  # [C, out * block * k]
+                s = energy * (w**2).sum(1)
+                total += s / max(s.mean(), 1e-30)
+            if total.any():
+                return total
+        for m in g.of("producer"):
+            node = nodes[m.node]
+            w = np.asarray(node.inputs[1].values, np.float64)
+            if node.op == "Conv":
+                rows = w.reshape(w.shape[0], -1)
+            elif node.op == "Gemm" and node.attrs.get("transB", 0):
+                rows = w
+            else:
+                rows = w.T
+            s = np.abs(rows).sum(1) if self.options.criterion == "l1" else np.sqrt((rows**2).sum(1))
+            out = node.outputs[0]
+            if len(out.outputs) == 1 and out.outputs[0].op == "BatchNormalization" and out.outputs[0].inputs[0] is out:
+                try:
+                    s = s * _bn_scale(out.outputs[0])
+                except Exception:
+                    pass
+            total += s / max(s.mean(), 1e-30)
+        return total
+
+    @staticmethod
+    def _consumer_columns(node: gs.Node, m: Member, size: int) -> np.ndarray:
+        w = np.asarray(node.inputs[1].values, np.float64)
+        if node.op == "Conv":
+            cols = np.moveaxis(w, 1, 0)[m.offset : m.offset + size]
+            return cols.reshape(size, -1)
+        if node.op == "Gemm" and node.attrs.get("transB", 0):
+            w = w.T
+        # w: [in_features, out]
+        w3 = w.reshape(-1, m.block, w.shape[1])[m.offset : m.offset + size]
+        return w3.reshape(size, -1)
+
+    def _select(self, g, nodes, score, grams, keep_n) -> tuple[np.ndarray, np.ndarray]:
+        if self.options.criterion == "obs" and grams:
+            sel = self._obs_select(g, nodes, grams, keep_n)
+            if sel is not None:
+                return sel
+        order = np.argsort(-score, kind="stable")
+        return np.sort(order[:keep_n]), np.sort(order[keep_n:])
+
+    def _obs_select(self, g: ChannelGroup, nodes: list[gs.Node], grams: dict, keep_n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Greedy optimal-brain-surgeon choice over whole input channels of the consumers.
+
+        Removing channel r from a consumer whose input has (intercept-augmented) second moment G and
+        whose weights read r through rows W[r] costs ||W[r]||^2 / [G^-1]_rr in output error once the
+        kept channels are re-fitted; each step removes the channel with the least cost summed over the
+        group's consumers (each normalised by its output energy), then updates W and G^-1 the OBS way.
+        """
+        states = []
+        for m in g.of("consumer"):
+            gram = grams.get((m.tensor, m.offset, g.size, m.block))
+            if gram is None:
+                continue
+            G = gram[0] / max(gram[1], 1)
+            G = G.copy()
+            d = np.diag(G)[:-1]
+            G[np.arange(g.size), np.arange(g.size)] += self.options.ridge * max(float(d.mean()), 1e-12)
+            W = np.zeros((g.size + 1, 0))
+            cols = self._consumer_columns(nodes[m.node], m, g.size)
+            W = np.vstack([cols, np.zeros((1, cols.shape[1]))])
+            energy = float(np.einsum("if,ij,jf->", W, G, W))
+            states.append([W, np.linalg.inv(G), max(energy, 1e-30)])
+        if not states:
+            return None
+        alive = np.ones(g.size, bool)
+        for _ in range(g.size - keep_n):
+            cost = np.zeros(g.size)
+            for W, Ginv, e in states:
+                cost += (W[: g.size] ** 2).sum(1) / np.maximum(np.diag(Ginv)[: g.size], 1e-30) / e
+            cost[~alive] = np.inf
+            r = int(np.argmin(cost))
+            alive[r] = False
+            for st in states:
+                W, Ginv, _ = st
+                col = Ginv[:, r] / Ginv[r, r]
+                W -= np.outer(col, W[r])
+                Ginv -= np.outer(col, Ginv[r])
+                W[r] = 0.0
+        return np.flatnonzero(alive), np.flatnonzero(~alive)
+
+    def _keep_count(self, size: int, ratio: float) -> int:
+        keep = size - int(round(ratio * size))
+        r = self.options.round_to
+        if r > 1:
+            keep = min(size, int(np.ceil(keep / r)) * r)
+        return max(1, keep)
+
+    # -- calibration statistics ---------------------------------------------------------------------
+    def _grams(self, graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], nodes: list[gs.Node]) -> dict:
+        """(tensor, offset, size, block) -> (Gram of [a; 1] over samples, sample count)."""
+        keys: dict[str, list[tuple]] = {}
+        for g in groups:
+            for m in g.of("consumer"):
+                keys.setdefault(m.tensor, [])
+                k = (m.tensor, m.offset, g.size, m.block, _consumer_axis(nodes[m.node]))
+                if k not in keys[m.tensor]:
+                    keys[m.tensor].append(k)
+        if not keys:
+            return {}
+        acc: dict[tuple, list] = {}
+        for batch in calibration_activations(ctx, graph, list(keys)):
+            for name, ks in keys.items():
+                a = np.asarray(batch[name], np.float64)
+                for (t, off, size, block, axis) in ks:
+                    x = np.moveaxis(a, axis, -1) if block == 1 else a.reshape(a.shape[0], -1, block).transpose(0, 2, 1)
+                    x = x.reshape(-1, x.shape[-1])[:, off : off + size]
+                    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], 1)
+                    k4 = (t, off, size, block)
+                    if k4 not in acc:
+                        acc[k4] = [np.zeros((size + 1, size + 1)), 0]
+                    acc[k4][0] += x1.T @ x1
+                    acc[k4][1] += x.shape[0]
+        return {k: (v[0], v[1]) for k, v in acc.items()}
+
+    def _regression(self, gram: np.ndarray, keep: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """B [drop, keep] and beta [drop] with a_drop ~= B a_keep + beta (ridge on the kept channels)."""
+        size = gram.shape[0] - 1
+        kp = np.concatenate([keep, [size]])
+        gkk = gram[np.ix_(kp, kp)].copy()
+        d = np.diag(gkk)[:-1]
+        lam = self.options.ridge * max(float(d.mean()), 1e-12)
+        gkk[np.arange(len(keep)), np.arange(len(keep))] += lam
+        grk = gram[np.ix_(drop, kp)]
+        sol = np.linalg.solve(gkk, grk.T).T  # [drop, keep+1]
+        return sol[:, :-1], sol[:, -1]
+
+    # -- rewrite ------------------------------------------------------------------------------------
+    def _apply_group(self, g: ChannelGroup, nodes: list[gs.Node], keep: np.ndarray, drop: np.ndarray, plan: _Plan, grams: dict, graph: gs.Graph) -> None:
+        # 1. recovery: consumers absorb the removed channels (original coordinates, before deleting)
+        for m in g.of("consumer"):
+            node = nodes[m.node]
+            gram = grams.get((m.tensor, m.offset, g.size, m.block))
+            if gram is None or not len(drop):
+                continue
+            B, beta = self._regression(gram[0], keep, drop)
+            self._compensate(node, m, B, beta, keep, drop, plan, graph)
+        # 2. deletions
+        for m in g.members:
+            node = nodes[m.node]
+            pos = m.offset + drop
+            if m.kind == "producer":
+                w = node.inputs[1]
+                if node.op == "Conv":
+                    plan.delete(w, 0, drop)
+                elif node.op == "Gemm":
+                    plan.delete(w, 0 if node.attrs.get("transB", 0) else 1, drop)
+                else:
+                    plan.delete(w, 1, drop)
+                if len(node.inputs) > 2 and node.inputs[2].name:
+                    b = node.inputs[2]
+                    if int(np.prod(b.shape)) == g.size:
+                        plan.delete(b, len(b.shape) - 1, drop)
+            elif m.kind == "dwconv":
+                plan.delete(node.inputs[1], 0, pos)
+                if len(node.inputs) > 2 and node.inputs[2].name:
+                    plan.delete(node.inputs[2], 0, pos)
+                plan.group_attr[m.node] = plan.group_attr.get(m.node, 0) + len(drop)
+            elif m.kind == "bn":
+                for t in node.inputs[1:5]:
+                    plan.delete(t, 0, pos)
+            elif m.kind == "const":
+                plan.delete(node.inputs[m.input_index], m.axis, pos)
+            elif m.kind == "consumer":
+                w = node.inputs[1]
+                fpos = (pos[:, None] * m.block + np.arange(m.block)[None, :]).ravel()
+                if node.op == "Conv":
+                    plan.delete(w, 1, pos)
+                elif node.op == "Gemm":
+                    plan.delete(w, 1 if node.attrs.get("transB", 0) else 0, fpos)
+                else:
+                    plan.delete(w, 0, fpos)
+
+    def _compensate(self, node: gs.Node, m: Member, B, beta, keep, drop, plan: _Plan, graph: gs.Graph) -> None:
+        o = m.offset
+        w = plan.get(node.inputs[1])
+        if node.op == "Conv":
+            wd = w[:, o + drop]
+            w[:, o + keep] += np.einsum("rk,or...->ok...", B, wd)
+            delta_b = np.einsum("r,or->o", beta, wd.reshape(w.shape[0], len(drop), -1).sum(-1))
+        elif node.op == "Gemm" and node.attrs.get("transB", 0):
+            n_out = w.shape[0]
+            w3 = w.reshape(n_out, -1, m.block)  # a view: writes reach the plan's array
+            wd = w3[:, o + drop]
+            w3[:, o + keep] += np.einsum("rk,nrj->nkj", B, wd)
+            delta_b = np.einsum("r,nrj->n", beta, wd)
+        else:
+            n_out = w.shape[1]
+            w3 = w.reshape(-1, m.block, n_out)
+            wd = w3[o + drop]
+            w3[o + keep] += np.einsum("rk,rjn->kjn", B, wd)
+            delta_b = np.einsum("r,rjn->n", beta, wd)
+            if node.op == "MatMul":
+                return  # no bias input to absorb the intercept
+        n_out = w.shape[0] if node.op != "MatMul" and not (node.op == "Gemm" and not node.attrs.get("transB", 0)) else w.shape[1]
+        if not np.any(delta_b):
+            return
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            b = plan.get(node.inputs[2])
+            if node.op == "Gemm":
+                beta_attr = float(node.attrs.get("beta", 1.0))
+                if b.size != n_out:  # a broadcast scalar bias: leave the intercept out
+                    return
+                b.reshape(-1)[:] += delta_b / (beta_attr if beta_attr else 1.0)
+            else:
+                b += delta_b
+        else:
+            from graphopt.rewrite import derived_name
+
+            dt = node.inputs[1].dtype
+            beta_attr = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+            if beta_attr == 0.0:
+                return
+            c = gs.Constant(derived_name(graph, node.inputs[1].name, "bias"), np.asarray(delta_b / beta_attr, dtype=dt))
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            if len(node.inputs) == 2:
+                node.inputs.append(c)
+            else:
+                node.inputs[2] = c
+            plan.get(c)
+
+    def _commit(self, plan: _Plan, nodes: list[gs.Node]) -> None:
+        for k, arr in plan.values.items():
+            for (ck, axis), pos in plan.deletes.items():
+                if ck == k and pos:
+                    arr = np.delete(arr, sorted(pos), axis=axis)
+            set_constant(plan.consts[k], arr)
+        for i, n_removed in plan.group_attr.items():
+            nodes[i].attrs["group"] = int(nodes[i].attrs["group"]) - n_removed
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        graph.toposort()
+        infer_shapes(graph, ctx)
+        groups = channel_groups(graph, ctx)
+        nodes = list(graph.nodes)
+        skipped: list[str] = []
+        candidates: list[ChannelGroup] = []
+        for g in groups:
+            why = self._check(g, nodes, graph)
+            if why is None:
+                candidates.append(g)
+            elif why not in ("not included",):
+                label = next((nodes[m.node].name for m in g.of("producer")), f"group {g.id}")
+                skipped.append(f"{label}: {why}")
+        stats = {"groups": len(groups), "groups_prunable": len(candidates), "groups_pruned": 0,
+                 "channels_before": sum(g.size for g in candidates), "channels_removed": 0}
+        if not candidates or (o.ratio <= 0 and o.target_flops is None):
+            return PassResult(False, stats, skipped)
+        flops0, params0 = flops(graph), param_count(graph)
+        original = ctx.to_model(graph) if ctx.has_calibration or ctx.eval_data is not None else None
+
+        recover = o.recover and ctx.has_calibration
+        want_stats = recover or o.criterion in ("act", "obs", "auto")
+        grams = self._grams(graph, ctx, candidates, nodes) if want_stats and ctx.has_calibration else {}
+        if not recover:
+            grams_fit = {}
+        else:
+            grams_fit = grams
+        notes: list[str] = []
+        if o.recover and not ctx.has_calibration:
+            notes.append("no calibration data: channels removed without re-fitting the consumers")
+        scores = {g.id: self._scores(g, nodes, grams) for g in candidates}
+        if o.target_flops is not None:
+            ratios = self._allocate(graph, ctx, candidates, nodes, scores, grams_fit, flops0, notes)
+        else:
+            ratios = {g.id: o.ratio for g in candidates}
+
+        plan = _Plan({}, {}, {}, {}, {})
+        pruned = 0
+        removed = 0
+        for g in candidates:
+            keep_n = self._keep_count(g.size, ratios.get(g.id, 0.0))
+            if keep_n >= g.size:
+                continue
+            if not ctx.allow_rewrite(f"prune {g.size - keep_n} of {g.size} channels in group {g.id}"):
+                break
+            keep, drop = self._select(g, nodes, scores[g.id], grams, keep_n)
+            self._apply_group(g, nodes, keep, drop, plan, grams_fit, graph)
+            pruned += 1
+            removed += len(drop)
+        if not pruned:
+            return PassResult(False, stats, skipped, notes)
+        self._commit(plan, nodes)
+        _refresh_shapes(graph, ctx)
+        flops1, params1 = flops(graph), param_count(graph)
+        stats.update({"groups_pruned": pruned, "channels_removed": removed, "flops_before": flops0, "flops_after": flops1,
+                      "params_before": params0, "params_after": params1})
+        notes.append(f"FLOPs {flops0:,} -> {flops1:,} ({flops1 / max(flops0, 1):.3f}x); params {params0:,} -> {params1:,} "
+                     f"({params1 / max(params0, 1):.3f}x); {removed} of {stats['channels_before']} channels in {pruned} groups")
+        if recover:
+            notes.append(f"consumers re-fitted by least squares on calibration activations ({len(grams_fit)} tensors)")
+        if original is not None:
+            n2, _ = budget_notes(ctx, original, graph)
+            notes.extend(n2)
+        return PassResult(True, stats, skipped, notes)
+
+    # -- target-flops: per-group ratios from measured sensitivity --------------------------------------
+    def _allocate(self, graph, ctx, groups, nodes, scores, grams, flops0, notes) -> dict[int, float]:
+        """Greedy: repeatedly raise the ratio of the group whose next step costs the least output
+        error per FLOP saved, until FLOPs reach the target.  Error of a step = measured sensitivity
+        (1 - output cosine with that group alone pruned at that ratio) on calibration data, or, without
+        calibration, the share of the group's importance score removed."""
+        o = self.options
+        steps = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+        target = o.target_flops * flops0
+        # FLOPs a group costs per channel: measure by pruning it alone at the largest step
+        cost: dict[int, dict[float, float]] = {}
+        saved: dict[int, dict[float, float]] = {}
+        feeds = [f for _, f in zip(range(2), ctx.calibration_batches())]
+        ref_runner = None
+        if feeds:
+            ref_runner = ctx.session(ctx.to_model(graph))
+            refs = [ref_runner.run(f) for f in feeds]
+        for g in groups:
+            cost[g.id], saved[g.id] = {0.0: 0.0}, {0.0: 0.0}
+            s_sorted = np.sort(scores[g.id])
+            for r in steps[1:]:
+                keep_n = self._keep_count(g.size, r)
+                if keep_n >= g.size:
+                    cost[g.id][r], saved[g.id][r] = cost[g.id][max(k for k in cost[g.id])], 0.0
+                    continue
+                trial = _trial(self, graph, ctx, g, nodes, scores[g.id], keep_n, grams)
+                saved[g.id][r] = flops0 - flops(trial)
+                if feeds:
+                    runner = ctx.session(ctx.to_model(trial))
+                    cs = []
+                    for f, ref in zip(feeds, refs):
+                        out = runner.run(f)
+                        for k in ref:
+                            a, b = np.asarray(ref[k], np.float64).ravel(), np.asarray(out[k], np.float64).ravel()
+                            cs.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+                    cost[g.id][r] = 1.0 - min(cs)
+                else:
+                    cost[g.id][r] = float(s_sorted[: g.size - keep_n].sum() / max(s_sorted.sum(), 1e-30))
+        level = {g.id: 0 for g in groups}
+        current = float(flops0)
+        while current > target:
+            best, best_val = None, None
+            for g in groups:
+                i = level[g.id]
+                if i + 1 >= len(steps):
+                    continue
+                r0, r1 = steps[i], steps[i + 1]
+                dsave = saved[g.id][r1] - saved[g.id][r0]
+                if dsave <= 0:
+                    continue
+                val = max(cost[g.id][r1] - cost[g.id][r0], 0.0) / dsave
+                if best_val is None or val < best_val:
+                    best, best_val = g.id, val
+            if best is None:
+                notes.append(f"target-flops {o.target_flops} not reachable with ratios up to {steps[-1]}")
+                break
+            i = level[best]
+            current -= saved[best][steps[i + 1]] - saved[best][steps[i]]
+            level[best] = i + 1
+        ratios = {gid: steps[i] for gid, i in level.items()}
+        notes.append("per-group ratios from sensitivity: " + ", ".join(
+            f"{nodes[g.of('producer')[0].node].name or g.id}={ratios[g.id]:.3f}" for g in groups if ratios[g.id] > 0))
+        return ratios
+
+
+def _trial(p: PruneChannels, graph: gs.Graph, ctx: PassContext, g: ChannelGroup, nodes, score, keep_n, grams) -> gs.Graph:
+    """A copy of ``graph`` with only group ``g`` pruned (for sensitivity measurements)."""
+    copy = graph.copy()
+    cnodes = list(copy.nodes)
+    keep, drop = p._select(g, nodes, score, grams, keep_n)
+    # graph.copy() copies tensors, so members index the copy's nodes identically
+    plan = _Plan({}, {}, {}, {}, {})
+    p._apply_group(g, cnodes, keep, drop, plan, grams, copy)
+    # constants of the copy are distinct objects: commit into them
+    p._commit(plan, cnodes)
+    _refresh_shapes(copy, None)
+    return copy
+
+
+def _refresh_shapes(graph: gs.Graph, ctx) -> None:
+    """Shapes changed along the pruned channels: drop the stale ones and infer again."""
+    outs = {id(t) for t in graph.outputs} | {id(t) for t in graph.inputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and id(t) not in outs:
+            t.shape = None
+    if ctx is not None:
+        ctx.cache.pop("shapes_inferred", None)
+    infer_shapes(graph, ctx)
