@@ -53,6 +53,14 @@ class _Plan:
     deletes: dict[tuple[int, int], set[int]]
     group_attr: dict[int, int]  # node index -> channels removed (depthwise Conv groups)
     new_bias: dict[int, gs.Constant]
+    prod_drop: dict[int, np.ndarray] = None  # id(producer node) -> output channels removed
+    consumer_ids: set = None  # id() of consumer nodes whose input channels were removed
+
+    def __post_init__(self):
+        if self.prod_drop is None:
+            self.prod_drop = {}
+        if self.consumer_ids is None:
+            self.consumer_ids = set()
 
     def get(self, c: gs.Constant) -> np.ndarray:
         k = id(c)
@@ -89,8 +97,10 @@ class PruneChannels(Pass):
         exclude: tuple[str, ...] = ()
         include: tuple[str, ...] = ()
         target_flops: Optional[float] = None
-        round_to: int = 1
+        round_to: int = 8
         recover: bool = True
+        refit: bool = True
+        refit_ridge: float = 0.01
         ridge: float = 1e-3
 
     def __init__(self, **options):
@@ -238,8 +248,8 @@ class PruneChannels(Pass):
     def _keep_count(self, size: int, ratio: float) -> int:
         keep = size - int(round(ratio * size))
         r = self.options.round_to
-        if r > 1:
-            keep = min(size, int(np.ceil(keep / r)) * r)
+        if r > 1 and keep < size:  # hardware-friendly widths: round the kept count down (remove at least ratio)
+            keep = max(r, (keep // r) * r) if size > r else keep
         return max(1, keep)
 
     # -- calibration statistics ---------------------------------------------------------------------
@@ -296,6 +306,7 @@ class PruneChannels(Pass):
             node = nodes[m.node]
             pos = m.offset + drop
             if m.kind == "producer":
+                plan.prod_drop[id(node)] = drop
                 w = node.inputs[1]
                 if node.op == "Conv":
                     plan.delete(w, 0, drop)
@@ -318,6 +329,7 @@ class PruneChannels(Pass):
             elif m.kind == "const":
                 plan.delete(node.inputs[m.input_index], m.axis, pos)
             elif m.kind == "consumer":
+                plan.consumer_ids.add(id(node))
                 w = node.inputs[1]
                 fpos = (pos[:, None] * m.block + np.arange(m.block)[None, :]).ravel()
                 if node.op == "Conv":
@@ -375,6 +387,9 @@ class PruneChannels(Pass):
             else:
                 node.inputs[2] = c
             plan.get(c)
+            plan.new_bias[id(c)] = c
+            if id(node) in plan.prod_drop:  # the node's own output channels were pruned already
+                plan.delete(c, 0, plan.prod_drop[id(node)])
 
     def _commit(self, plan: _Plan, nodes: list[gs.Node]) -> None:
         for k, arr in plan.values.items():
@@ -407,6 +422,8 @@ class PruneChannels(Pass):
             return PassResult(False, stats, skipped)
         flops0, params0 = flops(graph), param_count(graph)
         original = ctx.to_model(graph) if ctx.has_calibration or ctx.eval_data is not None else None
+        if original is not None:
+            from graphopt.ir import _uses_external_data  # noqa: F401  (the model stays in memory)
 
         recover = o.recover and ctx.has_calibration
         want_stats = recover or o.criterion in ("act", "obs", "auto")
@@ -439,8 +456,12 @@ class PruneChannels(Pass):
             removed += len(drop)
         if not pruned:
             return PassResult(False, stats, skipped, notes)
+        refits = self._consumers_before(plan, nodes) if recover and o.refit else []
         self._commit(plan, nodes)
         _refresh_shapes(graph, ctx)
+        if refits:
+            n_refit = self._refit(graph, ctx, original, refits)
+            stats["consumers_refitted"] = n_refit
         flops1, params1 = flops(graph), param_count(graph)
         stats.update({"groups_pruned": pruned, "channels_removed": removed, "flops_before": flops0, "flops_after": flops1,
                       "params_before": params0, "params_after": params1})
@@ -452,6 +473,48 @@ class PruneChannels(Pass):
             n2, _ = budget_notes(ctx, original, graph)
             notes.extend(n2)
         return PassResult(True, stats, skipped, notes)
+
+    def _consumers_before(self, plan: _Plan, nodes: list[gs.Node]) -> list[tuple]:
+        """(layer, W [out, features], effective bias, weight shape) of every consumer of a pruned
+        channel, before the edits: the targets of the least-squares re-fit."""
+        from .common import Layer
+
+        out, seen = [], set()
+        consumer_nodes = [n for n in nodes if id(n) in plan.consumer_ids]
+        for node in consumer_nodes:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}[node.op]
+            layer = Layer(node, node.inputs[1], kind)
+            W = layer.matrix(np.asarray(node.inputs[1].values, np.float64))
+            b = None
+            if len(node.inputs) > 2 and node.inputs[2].name and kind != "matmul" and id(node.inputs[2]) not in plan.new_bias:
+                b = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
+                if kind == "gemm":
+                    b = b * float(node.attrs.get("beta", 1.0))
+                if b.size != W.shape[0]:
+                    b = np.full(W.shape[0], float(b.ravel()[0])) if b.size == 1 else None
+            drop = plan.prod_drop.get(id(node))
+            if drop is not None and len(drop):  # its own outputs were pruned too: match the kept ones
+                W = np.delete(W, drop, axis=0)
+                b = None if b is None else np.delete(b, drop)
+            out.append((layer, W, b, tuple(node.inputs[1].shape)))
+        return out
+
+    def _refit(self, graph: gs.Graph, ctx: PassContext, original, refits: list[tuple]) -> int:
+        """Re-fit each consumer (in graph order) so its outputs on the pruned model's calibration
+        activations match the unpruned model's outputs."""
+        from .reconstruct import refit_layer
+
+        names = sorted({layer.node.inputs[0].name for layer, *_ in refits})
+        orig = ctx.session(original, extra_outputs=names)
+        n = 0
+        order = {id(nd): i for i, nd in enumerate(graph.nodes)}
+        for layer, W, b, kshape in sorted(refits, key=lambda r: order.get(id(r[0].node), 0)):
+            if refit_layer(ctx, graph, layer, orig, W, b, kshape, ridge=self.options.refit_ridge, seed=ctx.seed):
+                n += 1
+        return n
 
     # -- target-flops: per-group ratios from measured sensitivity --------------------------------------
     def _allocate(self, graph, ctx, groups, nodes, scores, grams, flops0, notes) -> dict[int, float]:
