@@ -71,8 +71,8 @@ def sparsegpt(W: np.ndarray, H: np.ndarray, *, sparsity: float = 0.0, nm: tuple[
               block: int = 128, damp: float = 0.01) -> np.ndarray:
     """Prune W [out, features] to ``sparsity`` (or keep ``n`` of every ``m`` columns) minimising
     ``||(W - W') X||`` given ``H = X Xᵀ``; returns the new W (float64)."""
-    W = np.array(W, dtype=np.float64)
-    H = np.array(H, dtype=np.float64)
+    W = np.array(W, dtype=np.float64, order="C")
+    H = np.array(H, dtype=np.float64, order="C")
     F = W.shape[1]
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
@@ -122,7 +122,7 @@ def sparsegpt(W: np.ndarray, H: np.ndarray, *, sparsity: float = 0.0, nm: tuple[
 
 def magnitude_mask(W: np.ndarray, *, sparsity: float = 0.0, nm: tuple[int, int] | None = None) -> np.ndarray:
     """Zero the smallest weights of W [out, features] (share, or ``m - n`` of every ``m`` columns)."""
-    W = np.array(W, dtype=np.float64)
+    W = np.array(W, dtype=np.float64, order="C")  # C order: ravel() below must be a view
     if nm is None:
         k = int(round(W.size * sparsity))
         if k:
