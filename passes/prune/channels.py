@@ -519,66 +519,116 @@ class PruneChannels(Pass):
     # -- target-flops: per-group ratios from measured sensitivity --------------------------------------
     def _allocate(self, graph, ctx, groups, nodes, scores, grams, flops0, notes) -> dict[int, float]:
         """Greedy: repeatedly raise the ratio of the group whose next step costs the least output
-        error per FLOP saved, until FLOPs reach the target.  Error of a step = measured sensitivity
-        (1 - output cosine with that group alone pruned at that ratio) on calibration data, or, without
-        calibration, the share of the group's importance score removed."""
+        error per FLOP saved, until the FLOPs (computed exactly for the combination) reach the target.
+        Error of a step = measured sensitivity (1 - output cosine with that group alone pruned at that
+        ratio, on calibration data), or without calibration the share of the group's importance removed."""
         o = self.options
         steps = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
         target = o.target_flops * flops0
-        # FLOPs a group costs per channel: measure by pruning it alone at the largest step
-        cost: dict[int, dict[float, float]] = {}
-        saved: dict[int, dict[float, float]] = {}
+        flops_of = self._flops_model(groups, nodes)
+        removed_at = {g.id: [g.size - self._keep_count(g.size, r) for r in steps] for g in groups}
         feeds = [f for _, f in zip(range(2), ctx.calibration_batches())]
-        ref_runner = None
+        refs = []
         if feeds:
             ref_runner = ctx.session(ctx.to_model(graph))
             refs = [ref_runner.run(f) for f in feeds]
+        cost: dict[int, list[float]] = {}
         for g in groups:
-            cost[g.id], saved[g.id] = {0.0: 0.0}, {0.0: 0.0}
             s_sorted = np.sort(scores[g.id])
-            for r in steps[1:]:
-                keep_n = self._keep_count(g.size, r)
-                if keep_n >= g.size:
-                    cost[g.id][r], saved[g.id][r] = cost[g.id][max(k for k in cost[g.id])], 0.0
-                    continue
-                trial = _trial(self, graph, ctx, g, nodes, scores[g.id], keep_n, grams)
-                saved[g.id][r] = flops0 - flops(trial)
-                if feeds:
+            c = [0.0]
+            for k in range(1, len(steps)):
+                n_rm = removed_at[g.id][k]
+                if n_rm == removed_at[g.id][k - 1]:
+                    c.append(c[-1])
+                elif feeds:
+                    trial = _trial(self, graph, ctx, g, nodes, scores[g.id], g.size - n_rm, grams)
                     runner = ctx.session(ctx.to_model(trial))
                     cs = []
                     for f, ref in zip(feeds, refs):
                         out = runner.run(f)
-                        for k in ref:
-                            a, b = np.asarray(ref[k], np.float64).ravel(), np.asarray(out[k], np.float64).ravel()
+                        for key in ref:
+                            a, b = np.asarray(ref[key], np.float64).ravel(), np.asarray(out[key], np.float64).ravel()
                             cs.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
-                    cost[g.id][r] = 1.0 - min(cs)
+                    c.append(max(1.0 - min(cs), c[-1]))
                 else:
-                    cost[g.id][r] = float(s_sorted[: g.size - keep_n].sum() / max(s_sorted.sum(), 1e-30))
+                    c.append(float(s_sorted[:n_rm].sum() / max(s_sorted.sum(), 1e-30)))
+            cost[g.id] = c
         level = {g.id: 0 for g in groups}
-        current = float(flops0)
+        current = flops_of({})
         while current > target:
-            best, best_val = None, None
+            best, best_val, best_flops = None, None, None
             for g in groups:
                 i = level[g.id]
-                if i + 1 >= len(steps):
+                j = i + 1
+                while j < len(steps) and removed_at[g.id][j] == removed_at[g.id][i]:
+                    j += 1  # steps that round to the same width save nothing
+                if j >= len(steps):
                     continue
-                r0, r1 = steps[i], steps[i + 1]
-                dsave = saved[g.id][r1] - saved[g.id][r0]
+                trial_level = dict(level)
+                trial_level[g.id] = j
+                f = flops_of({gid: removed_at[gid][lv] for gid, lv in trial_level.items()})
+                dsave = current - f
                 if dsave <= 0:
                     continue
-                val = max(cost[g.id][r1] - cost[g.id][r0], 0.0) / dsave
+                val = max(cost[g.id][j] - cost[g.id][i], 0.0) / dsave
                 if best_val is None or val < best_val:
-                    best, best_val = g.id, val
+                    best, best_val, best_flops = (g.id, j), val, f
             if best is None:
                 notes.append(f"target-flops {o.target_flops} not reachable with ratios up to {steps[-1]}")
                 break
-            i = level[best]
-            current -= saved[best][steps[i + 1]] - saved[best][steps[i]]
-            level[best] = i + 1
+            level[best[0]] = best[1]
+            current = best_flops
         ratios = {gid: steps[i] for gid, i in level.items()}
-        notes.append("per-group ratios from sensitivity: " + ", ".join(
-            f"{nodes[g.of('producer')[0].node].name or g.id}={ratios[g.id]:.3f}" for g in groups if ratios[g.id] > 0))
+        notes.append(f"target-flops {o.target_flops}: per-group ratios from {'measured sensitivity' if feeds else 'weight-norm sensitivity'}: " + ", ".join(
+            f"{nodes[g.of('producer')[0].node].name or g.id} -{removed_at[g.id][level[g.id]]}/{g.size}" for g in groups if level[g.id] > 0))
         return ratios
+
+    @staticmethod
+    def _flops_model(groups: list[ChannelGroup], nodes: list[gs.Node]):
+        """FLOPs of the model as a function of {group id: channels removed} (exact for Conv / Gemm /
+        MatMul: each node's MACs scale with its kept output and input shares)."""
+        from graphopt.analysis import node_macs
+
+        base = {i: node_macs(n) or 0 for i, n in enumerate(nodes)}
+        out_of: dict[int, ChannelGroup] = {}
+        ins: dict[int, list[tuple[ChannelGroup, int]]] = {}
+        dw: dict[int, list[ChannelGroup]] = {}
+        for g in groups:
+            for m in g.members:
+                if m.kind == "producer":
+                    out_of[m.node] = g
+                elif m.kind == "consumer":
+                    ins.setdefault(m.node, []).append((g, m.block))
+                elif m.kind == "dwconv":
+                    dw.setdefault(m.node, []).append(g)
+
+        def in_total(i: int) -> int:
+            n = nodes[i]
+            shp = n.inputs[1].shape
+            if n.op == "Conv":
+                return int(shp[1])
+            if n.op == "Gemm":
+                return int(shp[1] if n.attrs.get("transB", 0) else shp[0])
+            return int(shp[0])
+
+        totals = {i: in_total(i) for i in ins}
+
+        def f(removed: dict[int, int]) -> float:
+            total = 0.0
+            for i, macs in base.items():
+                if not macs:
+                    continue
+                frac = 1.0
+                if i in out_of:
+                    frac *= 1 - removed.get(out_of[i].id, 0) / out_of[i].size
+                if i in ins:
+                    frac *= 1 - sum(removed.get(g.id, 0) * blk for g, blk in ins[i]) / max(totals[i], 1)
+                if i in dw:
+                    frac *= 1 - sum(removed.get(g.id, 0) for g in dw[i]) / max(int(nodes[i].inputs[1].shape[0]), 1)
+                total += 2 * macs * frac
+            return total
+
+        return f
 
 
 def _trial(p: PruneChannels, graph: gs.Graph, ctx: PassContext, g: ChannelGroup, nodes, score, keep_n, grams) -> gs.Graph:
