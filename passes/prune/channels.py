@@ -33,11 +33,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.analysis import ChannelGroup, Member, channel_groups, flops
+from graphopt.analysis import ChannelGroup, Member, channel_groups, flops, param_count
 from graphopt.rewrite import weight_used_only_by
 from graphopt.shapes import infer_shapes
 
-from .common import budget_notes, calibration_activations, matches, param_count, set_constant
+from .common import budget_notes, calibration_activations, matches, set_constant
 
 
 class _Refuse(Exception):
@@ -422,8 +422,6 @@ class PruneChannels(Pass):
             return PassResult(False, stats, skipped)
         flops0, params0 = flops(graph), param_count(graph)
         original = ctx.to_model(graph) if ctx.has_calibration or ctx.eval_data is not None else None
-        if original is not None:
-            from graphopt.ir import _uses_external_data  # noqa: F401  (the model stays in memory)
 
         recover = o.recover and ctx.has_calibration
         want_stats = recover or o.criterion in ("act", "obs", "auto")
