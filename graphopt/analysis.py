@@ -35,18 +35,23 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPo
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "PRelu"}
 
 
+def _generation(graph: gs.Graph) -> tuple[int, ...]:
+    """The node list's identity and order: views index nodes by position, so both must match."""
+    return tuple(id(n) for n in graph.nodes)
+
+
 def _cache(ctx, key: str, graph: gs.Graph):
     if ctx is None:
         return None
     hit = ctx.cache.get(key)
-    if hit is not None and hit[0] is graph and hit[1] == len(graph.nodes):
+    if hit is not None and hit[0] is graph and hit[1] == _generation(graph):
         return hit[2]
     return None
 
 
 def _store(ctx, key: str, graph: gs.Graph, value):
     if ctx is not None:
-        ctx.cache[key] = (graph, len(graph.nodes), value)
+        ctx.cache[key] = (graph, _generation(graph), value)
     return value
 
 

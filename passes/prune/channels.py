@@ -264,20 +264,42 @@ class PruneChannels(Pass):
                     keys[m.tensor].append(k)
         if not keys:
             return {}
+        model = ctx.to_model(graph)
         acc: dict[tuple, list] = {}
-        for batch in calibration_activations(ctx, graph, list(keys)):
-            for name, ks in keys.items():
-                a = np.asarray(batch[name], np.float64)
-                for (t, off, size, block, axis) in ks:
-                    x = np.moveaxis(a, axis, -1) if block == 1 else a.reshape(a.shape[0], -1, block).transpose(0, 2, 1)
-                    x = x.reshape(-1, x.shape[-1])[:, off : off + size]
-                    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], 1)
-                    k4 = (t, off, size, block)
-                    if k4 not in acc:
-                        acc[k4] = [np.zeros((size + 1, size + 1)), 0]
-                    acc[k4][0] += x1.T @ x1
-                    acc[k4][1] += x.shape[0]
+        for chunk in self._chunks(graph, ctx, list(keys)):
+            for batch in calibration_activations(ctx, graph, chunk, model=model):
+                for name in chunk:
+                    a = np.asarray(batch[name], np.float64)
+                    for (t, off, size, block, axis) in keys[name]:
+                        x = np.moveaxis(a, axis, -1) if block == 1 else a.reshape(a.shape[0], -1, block).transpose(0, 2, 1)
+                        x = x.reshape(-1, x.shape[-1])[:, off : off + size]
+                        x1 = np.concatenate([x, np.ones((x.shape[0], 1))], 1)
+                        k4 = (t, off, size, block)
+                        if k4 not in acc:
+                            acc[k4] = [np.zeros((size + 1, size + 1)), 0]
+                        acc[k4][0] += x1.T @ x1
+                        acc[k4][1] += x.shape[0]
+                    del a
         return {k: (v[0], v[1]) for k, v in acc.items()}
+
+    @staticmethod
+    def _chunks(graph: gs.Graph, ctx: PassContext, names: list[str], limit: int = 256 << 20) -> list[list[str]]:
+        """Split the tensors to fetch so that one calibration batch of a chunk stays under ``limit``
+        bytes (sizes from the inferred shapes; symbolic dims count as the batch size)."""
+        first = next(iter(ctx.calibration_batches()), None)
+        batch = max((int(v.shape[0]) for v in (first or {}).values() if getattr(v, "ndim", 0)), default=1)
+        tensors = graph.tensors()
+        chunks: list[list[str]] = [[]]
+        used = 0
+        for n in names:
+            shp = getattr(tensors.get(n), "shape", None) or []
+            size = 4 * int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else batch for d in shp])) if shp else 0
+            if chunks[-1] and used + size > limit:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(n)
+            used += size
+        return chunks
 
     def _regression(self, gram: np.ndarray, keep: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """B [drop, keep] and beta [drop] with a_drop ~= B a_keep + beta (ridge on the kept channels)."""

@@ -26,6 +26,7 @@ from graphopt.rewrite import derived_name
 from .common import Layer, set_constant
 
 MAX_ROWS = 8192  # im2col rows kept per batch (a fixed-seed subsample beyond that)
+SLICE_BYTES = 64 << 20  # im2col of at most this much at a time
 
 
 def conv_patches(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray | None:
@@ -234,28 +235,35 @@ def _layer_stats(ctx, graph, layer: Layer, orig, *, first: bool, seed: int, ksha
     H = C = so = sp = None
     n = 0
     for feeds in ctx.calibration_batches():
-        ro = layer_rows(layer, np.asarray(orig.run(feeds, [name])[name], np.float64), kshape_orig)
-        if ro is None:
-            return None
-        rp = ro if cur is None else layer_rows(layer, np.asarray(cur.run(feeds, [name])[name], np.float64))
-        if rp is None:
-            return None
-        if H is None:
-            F, Fo = rp.shape[1], ro.shape[1]
-            H, so, sp = np.zeros((F, F)), np.zeros(Fo), np.zeros(F)
-            C = None if cur is None else np.zeros((F, Fo))
-        so += ro.sum(0)
-        sp += rp.sum(0)
-        n += ro.shape[0]
-        if ro.shape[0] > MAX_ROWS:
-            idx = rng.choice(ro.shape[0], MAX_ROWS, replace=False)
-            scale = np.sqrt(ro.shape[0] / MAX_ROWS)
-            ro, rp = ro[idx] * scale, (rp[idx] * scale if cur is not None else None)
-            if cur is None:
-                rp = ro
-        H += rp.T @ rp
-        if C is not None:
-            C += rp.T @ ro
+        xo = np.asarray(orig.run(feeds, [name])[name])
+        xp = xo if cur is None else np.asarray(cur.run(feeds, [name])[name])
+        # im2col rows of a few samples at a time: memory stays at about SLICE_BYTES per slice
+        per_sample = max(int(np.prod(xo.shape[1:])) * int(np.prod(tuple(layer.weight.shape)[2:]) if layer.kind == "conv" else 1) * 8, 1)
+        step = max(1, SLICE_BYTES // per_sample)
+        n_slices = -(-xo.shape[0] // step)
+        cap = max(MAX_ROWS // n_slices, 256)
+        for i in range(0, xo.shape[0], step):
+            ro = layer_rows(layer, xo[i : i + step].astype(np.float64), kshape_orig)
+            if ro is None:
+                return None
+            rp = ro if cur is None else layer_rows(layer, xp[i : i + step].astype(np.float64))
+            if rp is None:
+                return None
+            if H is None:
+                F, Fo = rp.shape[1], ro.shape[1]
+                H, so, sp = np.zeros((F, F)), np.zeros(Fo), np.zeros(F)
+                C = None if cur is None else np.zeros((F, Fo))
+            so += ro.sum(0)
+            sp += rp.sum(0)
+            n += ro.shape[0]
+            if ro.shape[0] > cap:
+                idx = rng.choice(ro.shape[0], cap, replace=False)
+                scale = np.sqrt(ro.shape[0] / cap)
+                ro = ro[idx] * scale
+                rp = ro if cur is None else rp[idx] * scale
+            H += rp.T @ rp
+            if C is not None:
+                C += rp.T @ ro
     if H is None:
         return None
     return H, C, so / max(n, 1), sp / max(n, 1), n
