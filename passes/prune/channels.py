@@ -20,9 +20,14 @@ the kept channels absorb the regression and its bias absorbs the intercept.  For
 exact algebra (a convolution is linear in its input channels); only the intercept at padded borders is
 approximate.
 
-``ratio`` removes that share of every prunable group; ``target-flops=0.7`` instead allocates ratios per
-group by measured sensitivity (output cosine with the group pruned alone, on calibration data) until
-the model's FLOPs reach 0.7x.
+Options: ``ratio`` removes that share of every prunable group; ``target-flops=0.7`` instead allocates
+ratios per group by measured sensitivity (output cosine with the group pruned alone, on calibration
+data) until the model's FLOPs reach 0.7x.  ``round-to=8`` rounds each kept width down to a multiple of 8
+(onnxruntime's NCHWc kernels; ``round-to=1`` for exact ratios).  ``include`` / ``exclude`` are glob
+patterns on producer node or weight names (``;``-separated): an excluded layer keeps its output
+channels, though its input channels still follow the layers before it.  ``recover=false`` skips the
+regression, ``refit=false`` the dense re-fit of the consumers.  Not idempotent by design: the ratio is
+relative to the current width.
 """
 from __future__ import annotations
 
