@@ -83,6 +83,7 @@ def test_recovery_from_calibration_beats_plain_removal():
     c_plain, c_fit = cosine(ref, run(plain, test)["y"]), cosine(ref, run(fitted, test)["y"])
     assert c_fit > c_plain + 0.1 and c_fit > 0.85, (c_plain, c_fit)  # seed 0: 0.717 -> 0.881
     assert any("least squares" in n for n in recs[0].notes)
+    assert recs[0].stats["consumers_refitted"] == 1  # 128 x 64 rows for 4 features: well determined
 
 
 RESIDUAL = """
