@@ -27,6 +27,7 @@ from .common import Layer, set_constant
 
 MAX_ROWS = 8192  # im2col rows kept per batch (a fixed-seed subsample beyond that)
 SLICE_BYTES = 64 << 20  # im2col of at most this much at a time
+MIN_ROWS_PER_FEATURE = 4  # a dense re-fit needs this many calibration rows per input feature
 
 
 def conv_patches(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray | None:
@@ -184,8 +185,11 @@ def sparsify_graph(graph: gs.Graph, ctx, targets: list[Target], notes: list[str]
                 skipped.append(f"{layer.name}: no reconstruction (grouped / non-2-D Conv): magnitude only")
             Wn = _permuted(magnitude_mask, W, t, None)
         else:
-            H, C, mean_o, mean_p, _ = stats
+            H, C, mean_o, mean_p, n_rows = stats
             Wt = W
+            # no rows-per-feature guard here (unlike the channel re-fit): measured on digits, the
+            # under-determined re-fit of fc1 (100 images, 512 features) still helps once sparsified
+            # (70% per layer: 0.996 with it, 0.986 without; 90% global: 0.988 vs 0.980)
             if refit and C is not None:
                 lam = 0.01 * max(float(np.mean(np.diag(H))), 1e-12)
                 A = H + lam * np.eye(H.shape[0])
@@ -198,7 +202,7 @@ def sparsify_graph(graph: gs.Graph, ctx, targets: list[Target], notes: list[str]
 
 
 def refit_layer(ctx, graph: gs.Graph, layer: Layer, orig, W_orig: np.ndarray, b_orig: np.ndarray | None,
-                kshape_orig: tuple[int, ...], *, ridge: float = 0.01, seed: int = 0, min_ratio: float = 4.0) -> bool:
+                kshape_orig: tuple[int, ...], *, ridge: float = 0.01, seed: int = 0, min_ratio: float = MIN_ROWS_PER_FEATURE) -> bool:
     """Dense least-squares re-fit of a layer whose inputs were pruned: its outputs on the calibration
     data of the pruned model match the unpruned layer's outputs (ridge towards its current weights).
 
