@@ -8,7 +8,7 @@ from graphopt import ir
 from graphopt.analysis import channel_groups, flops
 from graphopt.shapes import infer_shapes
 
-from prune_helpers import cosine, init, make_model, run, run_pipeline
+from tests.passes.prune.prune_helpers import cosine, init, make_model, run, run_pipeline
 
 RNG = np.random.default_rng(0)
 

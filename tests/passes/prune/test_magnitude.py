@@ -6,7 +6,7 @@ import pytest
 
 from graphopt import ir
 
-from prune_helpers import cosine, init, make_model, run, run_pipeline
+from tests.passes.prune.prune_helpers import cosine, init, make_model, run, run_pipeline
 
 MLP = """
 <ir_version: 8, opset_import: ["" : 17]>
