@@ -219,12 +219,13 @@ class FusionPass(Pass):
 
             infer_shapes(graph, ctx)
         graph.toposort()
-        done: set[int] = set()  # ids of nodes consumed by an earlier rewrite in this run
+        # Matching always looks at the current graph: nodes removed by an earlier rewrite have no outputs
+        # and are skipped, nodes a rewrite kept (a Conv that absorbed a BN) may match again (chains).
         for node in list(graph.nodes):
-            if id(node) in done or not node.outputs or node.op not in self.anchor_ops or not is_std(node):
+            if not node.outputs or node.op not in self.anchor_ops or not is_std(node):
                 continue
             m = self.match(node, graph, ctx)
-            if m is None or any(id(n) in done for n in m.nodes):
+            if m is None:
                 continue
             stats["matched"] += 1
             reason = self.check(m, graph, ctx)
@@ -233,7 +234,6 @@ class FusionPass(Pass):
                 continue
             if not ctx.allow_rewrite(f"{self.name} at {m.anchor.name or m.anchor.op}"):
                 break
-            done.update(id(n) for n in m.nodes)
             self.rewrite(m, graph, ctx)
             stats["rewritten"] += 1
         if stats["rewritten"]:
