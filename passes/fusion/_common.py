@@ -297,7 +297,7 @@ def mul_chain_from(start: gs.Tensor, graph: gs.Graph, want, keep: set[int], step
     t = start
     for _ in range(steps):
         n = sole_consumer(t, "Mul")
-        if n is None or is_graph_output(graph, t):
+        if n is None:
             return None
         r = product_leaves(n.outputs[0], graph, keep)
         if r is not None and want(r[0]):

@@ -65,14 +65,15 @@ class FuseLayerNorm(FusionPass):
             return None
         d = sub.outputs[0]
         sq = div = None
-        for n in d.outputs:
+        readers = list({id(n): n for n in d.outputs}.values())
+        for n in readers:
             if n.op == "Pow" and n.inputs[0] is d and is_scalar(n.inputs[1], 2.0):
                 sq = n
             elif n.op == "Mul" and n.inputs[0] is d and n.inputs[1] is d:
                 sq = n
             elif n.op == "Div" and n.inputs[0] is d:
                 div = n
-        if sq is None or div is None or len(d.outputs) != 2:
+        if sq is None or div is None or len(readers) != 2:
             return None
         rm2 = sole_consumer(sq.outputs[0], "ReduceMean")
         if rm2 is None:

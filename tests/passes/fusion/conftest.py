@@ -79,3 +79,21 @@ def fusion():
         run = staticmethod(run_pass)
 
     return H
+
+
+def _root_conftest():
+    """tests/conftest.py under its own module name (this file shadows the name ``conftest``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "_graphopt_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "conftest.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+corpus_params = _root_conftest().corpus_params
