@@ -1,5 +1,5 @@
 """-O2 fusions on the shared models: per-fusion match / rewrite / refusal counts, node counts, and the
-ORT_DISABLE_ALL latency ratio of the -O2 output against the original (1 thread, interleaved rounds,
+ORT_DISABLE_ALL latency ratios of the -O1 and -O2 outputs against the original (1 thread, interleaved rounds,
 with an identical-copy control pair to show the noise).
 
     python benchmarks/fusion_o2.py [--shared ../shared] [--rounds 15] [--reps 5] [--json out.json] [models...]
@@ -89,7 +89,7 @@ def main() -> None:
         o1 = optimize(original, "O1", inputs=feeds, verify="off")
         r = optimize(original, "O2", inputs=feeds, verify="end")
         table = fusion_table(r.report)
-        lat = latency({"original": original, "control": original, "O2": r.model}, feeds, args.rounds, args.reps)
+        lat = latency({"original": original, "control": original, "O1": o1.model, "O2": r.model}, feeds, args.rounds, args.reps)
         ops = Counter(n.op_type for n in r.model.graph.node)
         results[p.stem] = {
             "nodes": {"original": len(original.graph.node), "O1": len(o1.model.graph.node), "O2": len(r.model.graph.node)},
@@ -101,7 +101,7 @@ def main() -> None:
         }
         print(f"\n== {p.stem}: nodes {len(original.graph.node)} -> O1 {len(o1.model.graph.node)} -> O2 {len(r.model.graph.node)}; "
               f"BN left {ops['BatchNormalization']}; verify {r.verification.status}")
-        print(f"   latency ORT_DISABLE_ALL 1 thread: original {lat['original_ms']:.2f} ms; O2/original {lat['O2']:.3f}x; "
+        print(f"   latency ORT_DISABLE_ALL 1 thread: original {lat['original_ms']:.2f} ms; O1/original {lat['O1']:.3f}x; O2/original {lat['O2']:.3f}x; "
               f"control/original {lat['control']:.3f}x")
         for k, v in table.items():
             if v["matched"]:

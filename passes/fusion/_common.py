@@ -159,8 +159,10 @@ def remove_nodes(nodes) -> None:
 
 
 def float_dtype_reason(*tensors: gs.Tensor) -> str | None:
-    """A refusal reason unless all tensors with a known dtype share one float dtype."""
+    """A refusal reason unless the tensors with a known dtype (at least one) share one float dtype."""
     dts = {np.dtype(t.dtype) for t in tensors if t is not None and t.dtype is not None}
+    if not dts:
+        return "dtypes are unknown (shape inference could not type the tensors)"
     if len(dts) > 1:
         return "dtypes disagree (" + ", ".join(sorted(str(d) for d in dts)) + ")"
     if dts and next(iter(dts)).type not in FLOAT_TYPES:
@@ -200,7 +202,9 @@ class FusionPass(Pass):
     """Base of the pattern fusions: subclasses implement ``match`` / ``check`` / ``rewrite``."""
 
     anchor_ops: tuple[str, ...] = ()  # op types a match can start from (the driver filters on them)
-    needs_shapes: bool = False  # run shape inference before matching
+    # run shape inference before matching (cached per graph generation): dtype checks need it, as
+    # exporters rarely write value_info for intermediate tensors
+    needs_shapes: bool = True
 
     def match(self, node: gs.Node, graph: gs.Graph, ctx: PassContext) -> Match | None:
         raise NotImplementedError

@@ -6,7 +6,10 @@
 with Q [B, H, Sq, D], Kt = Transpose(.., p) a [B, H, D, Skv] view of K (the Transpose is kept with
 the last two axes of ``p`` swapped, or dropped when that makes it the identity), V [B, H, Skv, Dv] and
 an additive float mask whose last two dims are exactly [Sq, Skv] (onnxruntime's CPU kernel does not
-broadcast the query axis).  Below opset 23 a match is refused with that reason: the onnxruntime
+broadcast the query axis).  Where Q, K and V are [B, S, H*D] tensors split into heads by
+Reshape + Transpose and the output is merged back the same way (BERT / GPT-2 exports), the 3-D form
+``Attention(q3, k3, v3, mask, q_num_heads=H, kv_num_heads=H)`` replaces those 8 nodes too
+(``heads-3d=false`` keeps the 4-D form).  Below opset 23 a match is refused with that reason: the onnxruntime
 contrib ``Attention`` is -O3's business.  Refuses too when an intermediate is a graph output or read
 outside the match, when the scale is not a constant scalar, when shapes are unknown or disagree, and
 when dtypes disagree.
@@ -28,16 +31,53 @@ def _same_dim(a, b) -> bool:
     return a == b and a is not None and not (isinstance(a, int) and a < 0)
 
 
+def _split_heads(graph: gs.Graph, t: gs.Tensor, perm: list[int]) -> tuple[gs.Tensor, list[gs.Node], int] | None:
+    """t = Transpose(Reshape(x3, [B, S, H, D]), perm) with x3 [B, S, H*D]: (x3, [reshape, transpose], H)."""
+    tr = prod(t, "Transpose")
+    if tr is None or [int(p) for p in tr.attrs.get("perm", [])] != perm:
+        return None
+    rs = prod(tr.inputs[0], "Reshape")
+    if rs is None or not only_feeds(graph, rs.outputs[0], [tr]):
+        return None
+    x3, s4 = rs.inputs[0], rs.outputs[0].shape
+    s3 = x3.shape
+    if s3 is None or s4 is None or len(s3) != 3 or len(s4) != 4:
+        return None
+    if not all(isinstance(d, int) and d > 0 for d in list(s4[2:]) + [s3[2]]) or s4[2] * s4[3] != s3[2]:
+        return None
+    if not (_same_dim(s3[0], s4[0]) and _same_dim(s3[1], s4[1])):
+        return None
+    return x3, [rs, tr], int(s4[2])
+
+
+def _merge_heads(graph: gs.Graph, y: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
+    """y [B, H, S, Dv] -> Transpose(0,2,1,3) -> Reshape to [B, S, H*Dv]: (the Reshape output, nodes)."""
+    tr = sole_consumer(y, "Transpose")
+    if tr is None or [int(p) for p in tr.attrs.get("perm", [])] != [0, 2, 1, 3]:
+        return None
+    rs = sole_consumer(tr.outputs[0], "Reshape")
+    if rs is None or rs.inputs[0] is not tr.outputs[0] or not only_feeds(graph, tr.outputs[0], [rs]):
+        return None
+    s4, s3 = tr.outputs[0].shape, rs.outputs[0].shape
+    if s4 is None or s3 is None or len(s4) != 4 or len(s3) != 3:
+        return None
+    if not (isinstance(s4[2], int) and isinstance(s4[3], int) and s3[2] == s4[2] * s4[3]
+            and _same_dim(s3[0], s4[0]) and _same_dim(s3[1], s4[1])):
+        return None
+    return rs.outputs[0], [tr, rs]
+
+
 @register_pass
 class FuseAttention(FusionPass):
     name = "fuse-attention"
     description = "MatMul/scale/mask/Softmax/MatMul attention -> ONNX Attention (opset >= 23; refused before)"
     anchor_ops = ("Softmax",)
-    needs_shapes = True
 
     @dataclass(frozen=True)
     class Options:
-        pass
+        # use Attention's 3-D form when Q/K/V come from [B, S, H*D] tensors through Reshape+Transpose and
+        # the output goes back through Transpose+Reshape (those 8 nodes go away too)
+        heads_3d: bool = True
 
     def match(self, node: gs.Node, graph: gs.Graph, ctx: PassContext) -> Match | None:
         nodes = [node]
@@ -114,9 +154,40 @@ class FuseAttention(FusionPass):
         r = float_dtype_reason(q, kview, v, mask, pv.outputs[0])
         if r:
             return r
-        return opset_reason("Attention", graph, ctx)
+        r = opset_reason("Attention", graph, ctx)
+        if r:
+            return r
+        m.data["lift"] = self._lift(m, graph) if self.options.heads_3d else None
+        return None
+
+    def _lift(self, m: Match, graph: gs.Graph):
+        """The 3-D form's inputs/output/extra nodes, or None if the Reshape/Transpose frame is not there."""
+        qk, pv, kt = m["qk"], m["pv"], m["kt"]
+        if kt is None:
+            return None
+        q = _split_heads(graph, qk.inputs[0], [0, 2, 1, 3])
+        k = _split_heads(graph, qk.inputs[1], [0, 2, 3, 1])
+        v = _split_heads(graph, pv.inputs[1], [0, 2, 1, 3])
+        y = _merge_heads(graph, pv.outputs[0])
+        if q is None or k is None or v is None or y is None:
+            return None
+        if not (q[2] == k[2] == v[2]) or not all(only_feeds(graph, t, [n]) for t, n in
+                                                 ((qk.inputs[0], qk), (qk.inputs[1], qk), (pv.inputs[1], pv))):
+            return None
+        if not only_feeds(graph, pv.outputs[0], [y[1][0]]):
+            return None
+        return {"q": q[0], "k": k[0], "v": v[0], "heads": q[2], "out": y[0], "nodes": q[1] + k[1] + v[1] + y[1]}
 
     def rewrite(self, m: Match, graph: gs.Graph, ctx: PassContext) -> None:
+        lift = m.data.get("lift")
+        if lift is not None:
+            inputs = [lift["q"], lift["k"], lift["v"]] + ([m["mask"]] if m["mask"] is not None else [])
+            out, name = lift["out"], m["pv"].name
+            remove_nodes(m.nodes + lift["nodes"])
+            h = int(lift["heads"])
+            graph.nodes.append(gs.Node("Attention", name=name or None, inputs=inputs, outputs=[out],
+                                       attrs={"scale": float(m["scale"]), "q_num_heads": h, "kv_num_heads": h}))
+            return
         qk, pv, kt, mask = m["qk"], m["pv"], m["kt"], m["mask"]
         q, v = qk.inputs[0], pv.inputs[1]
         extra: list[gs.Node] = []

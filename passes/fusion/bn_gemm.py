@@ -29,7 +29,6 @@ class FuseBNGemm(FusionPass):
     name = "fuse-bn-gemm"
     description = "fold inference BatchNormalization after a 2-D Gemm/MatMul with a constant weight into the Gemm"
     anchor_ops = ("BatchNormalization",)
-    needs_shapes = True
 
     @dataclass(frozen=True)
     class Options:

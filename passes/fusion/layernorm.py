@@ -51,7 +51,6 @@ class FuseLayerNorm(FusionPass):
     name = "fuse-layernorm"
     description = "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div, optional Mul/Add -> LayerNormalization (opset >= 17)"
     anchor_ops = ("ReduceMean",)
-    needs_shapes = True
 
     @dataclass(frozen=True)
     class Options:

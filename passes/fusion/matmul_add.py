@@ -38,7 +38,6 @@ class FuseMatMulAdd(FusionPass):
     name = "fuse-matmul-add"
     description = "MatMul (or bias-less Gemm) + bias Add -> Gemm where both operands are 2-D (no Reshapes added)"
     anchor_ops = ("Add",)
-    needs_shapes = True
 
     @dataclass(frozen=True)
     class Options:

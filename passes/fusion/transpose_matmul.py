@@ -33,7 +33,6 @@ class FuseTransposeMatMul(FusionPass):
     name = "fuse-transpose-matmul"
     description = "fold last-two-axes Transposes into Gemm transA/transB, or into a constant MatMul weight"
     anchor_ops = ("MatMul", "Gemm")
-    needs_shapes = True
 
     @dataclass(frozen=True)
     class Options:

@@ -40,3 +40,37 @@ def test_refuses_broadcast_query_mask_and_leaks(fusion):
     assert out.stats["rewritten"] == 0 and "graph output" in out.result.skipped[0]
     out = fusion.run(attn_model(fusion, scale_op="Mul(qk, qk)"), "fuse-attention")
     assert out.stats["matched"] == 0
+
+
+def bert_style(fusion, extra_out=""):
+    text = f"""<ir_version: 10, opset_import: ["" : 23]>
+g (float[1,8,64] q3, float[1,8,64] k3, float[1,8,64] v3, float[1,1,8,8] mask) => (float[1,8,64] y{extra_out}) {{
+  q4 = Reshape(q3, sh4)
+  q = Transpose<perm = [0,2,1,3]>(q4)
+  k4 = Reshape(k3, sh4)
+  kt = Transpose<perm = [0,2,3,1]>(k4)
+  v4 = Reshape(v3, sh4)
+  v = Transpose<perm = [0,2,1,3]>(v4)
+  qk = MatMul(q, kt)
+  scaled = Mul(qk, sc)
+  sm_in = Add(scaled, mask)
+  p = Softmax<axis = -1>(sm_in)
+  o4 = MatMul(p, v)
+  o = Transpose<perm = [0,2,1,3]>(o4)
+  y = Reshape(o, sh3)
+}}"""
+    return fusion.build(text, sc=np.array(0.25, np.float32), sh4=np.array([1, 8, 4, 16], np.int64), sh3=np.array([1, 8, 64], np.int64))
+
+
+def test_heads_3d_form(fusion):
+    out = fusion.run(bert_style(fusion), "fuse-attention")
+    assert out.stats == {"matched": 1, "rewritten": 1} and out.ops == ["Attention"]
+    attrs = {a.name: a for a in out.model.graph.node[0].attribute}
+    assert attrs["q_num_heads"].i == 4 and attrs["kv_num_heads"].i == 4
+
+
+def test_heads_3d_falls_back_to_4d_when_frame_leaks(fusion):
+    # the head-split V is also a graph output: the 4-D form still applies, the frame stays
+    out = fusion.run(bert_style(fusion, extra_out=", float[1,4,8,16] v"), "fuse-attention")
+    assert out.stats == {"matched": 1, "rewritten": 1}
+    assert "Attention" in out.ops and "Reshape" in out.ops

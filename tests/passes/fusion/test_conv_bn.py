@@ -121,3 +121,12 @@ g (float[1,4,6,6] x, float[8] m) => (float[1,8,6,6] y) {{
     m = fusion.build(text, w=fusion.rnd(8, 4, 3, 3), b=fusion.rnd(8), **w)
     out = fusion.run(m, "fuse-conv-bn")
     assert out.stats["rewritten"] == 0 and "mean is not a constant" in out.result.skipped[0]
+
+
+def test_float16_model(fusion, bn):
+    text = conv_bn_text().replace("float[", "float16[")
+    w = {k: v.astype(np.float16) for k, v in bn().items()}
+    m = fusion.build(text, w=fusion.rnd(8, 4, 3, 3).astype(np.float16), b=fusion.rnd(8).astype(np.float16), **w)
+    out = fusion.run(m, "fuse-conv-bn", rtol=1e-2)
+    assert out.ops == ["Conv"]
+    assert out.model.graph.initializer[-1].data_type == 10  # stays float16
