@@ -144,7 +144,7 @@ def static_shape(t: gs.Tensor) -> list[int] | None:
 
 
 def new_const(graph: gs.Graph, base: str, suffix: str, value: np.ndarray) -> gs.Constant:
-    return gs.Constant(derived_name(graph, base, suffix), np.ascontiguousarray(value))
+    return gs.Constant(derived_name(graph, base, suffix), np.array(value, order="C"))  # keeps 0-d arrays 0-d
 
 
 def new_var(graph: gs.Graph, base: str, suffix: str, like: gs.Tensor | None = None) -> gs.Variable:
