@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import PassContext, register_pass
+from graphopt.rewrite import const_value, derived_name
 
 from ._common import (FusionPass, Match, float_dtype_reason, new_var, only_feeds, opset_reason, other_input, prod, rank_of,
                       remove_nodes, scalar, sole_consumer)
@@ -50,21 +51,33 @@ def _split_heads(graph: gs.Graph, t: gs.Tensor, perm: list[int]) -> tuple[gs.Ten
     return x3, [rs, tr], int(s4[2])
 
 
-def _merge_heads(graph: gs.Graph, y: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
-    """y [B, H, S, Dv] -> Transpose(0,2,1,3) -> Reshape to [B, S, H*Dv]: (the Reshape output, nodes)."""
+def _merge_heads(graph: gs.Graph, y: gs.Tensor) -> dict | None:
+    """y [B, H, S, Dv] -> Transpose(0,2,1,3) -> Reshape(.., shape).
+
+    The Transpose output [B, S, H, Dv] has the row-major order of the 3-D output [B, S, H*Dv], so the
+    Reshape can read the 3-D output instead, unless its shape copies (0) dim 2 or 3.  When the Reshape
+    gives exactly [B, S, H*Dv] it goes away too.  Returns {"transpose", "reshape", "drop_reshape"}.
+    """
     tr = sole_consumer(y, "Transpose")
     if tr is None or [int(p) for p in tr.attrs.get("perm", [])] != [0, 2, 1, 3]:
         return None
     rs = sole_consumer(tr.outputs[0], "Reshape")
     if rs is None or rs.inputs[0] is not tr.outputs[0] or not only_feeds(graph, tr.outputs[0], [rs]):
         return None
-    s4, s3 = tr.outputs[0].shape, rs.outputs[0].shape
-    if s4 is None or s3 is None or len(s4) != 4 or len(s3) != 3:
+    s4, s_out = tr.outputs[0].shape, rs.outputs[0].shape
+    if s4 is None or len(s4) != 4 or not (isinstance(s4[2], int) and isinstance(s4[3], int)):
         return None
-    if not (isinstance(s4[2], int) and isinstance(s4[3], int) and s3[2] == s4[2] * s4[3]
-            and _same_dim(s3[0], s4[0]) and _same_dim(s3[1], s4[1])):
-        return None
-    return rs.outputs[0], [tr, rs]
+    target = const_value(rs.inputs[1])
+    if target is not None:
+        if int(rs.attrs.get("allowzero", 0)) == 0 and any(int(d) == 0 for d in target.reshape(-1)[2:]):
+            return None
+    elif s_out is None or any(not isinstance(d, int) or d < 0 for d in s_out):
+        return None  # a computed shape we cannot see
+    drop = (s_out is not None and len(s_out) == 3 and s_out[2] == s4[2] * s4[3]
+            and _same_dim(s_out[0], s4[0]) and _same_dim(s_out[1], s4[1]))
+    if target is None and not drop:
+        return None  # a computed shape with dims copied from the 4-D input: keep the frame
+    return {"transpose": tr, "reshape": rs, "drop_reshape": drop, "dims": (s4[0], s4[1], s4[2] * s4[3])}
 
 
 @register_pass
@@ -174,16 +187,24 @@ class FuseAttention(FusionPass):
         if not (q[2] == k[2] == v[2]) or not all(only_feeds(graph, t, [n]) for t, n in
                                                  ((qk.inputs[0], qk), (qk.inputs[1], qk), (pv.inputs[1], pv))):
             return None
-        if not only_feeds(graph, pv.outputs[0], [y[1][0]]):
+        if not only_feeds(graph, pv.outputs[0], [y["transpose"]]):
             return None
-        return {"q": q[0], "k": k[0], "v": v[0], "heads": q[2], "out": y[0], "nodes": q[1] + k[1] + v[1] + y[1]}
+        return {"q": q[0], "k": k[0], "v": v[0], "heads": q[2], "merge": y, "nodes": q[1] + k[1] + v[1]}
 
     def rewrite(self, m: Match, graph: gs.Graph, ctx: PassContext) -> None:
         lift = m.data.get("lift")
         if lift is not None:
             inputs = [lift["q"], lift["k"], lift["v"]] + ([m["mask"]] if m["mask"] is not None else [])
-            out, name = lift["out"], m["pv"].name
-            remove_nodes(m.nodes + lift["nodes"])
+            merge, name = lift["merge"], m["pv"].name
+            rs = merge["reshape"]
+            if merge["drop_reshape"]:
+                out = rs.outputs[0]
+                remove_nodes([rs])
+            else:  # the Reshape stays and reads the 3-D output
+                pv_out = m["pv"].outputs[0]
+                out = gs.Variable(derived_name(graph, pv_out.name, "3d"), dtype=pv_out.dtype, shape=list(merge["dims"]))
+                rs.inputs[0] = out
+            remove_nodes(m.nodes + lift["nodes"] + [merge["transpose"]])
             h = int(lift["heads"])
             graph.nodes.append(gs.Node("Attention", name=name or None, inputs=inputs, outputs=[out],
                                        attrs={"scale": float(m["scale"]), "q_num_heads": h, "kv_num_heads": h}))

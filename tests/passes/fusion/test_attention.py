@@ -74,3 +74,17 @@ def test_heads_3d_falls_back_to_4d_when_frame_leaks(fusion):
     out = fusion.run(bert_style(fusion, extra_out=", float[1,4,8,16] v"), "fuse-attention")
     assert out.stats == {"matched": 1, "rewritten": 1}
     assert "Attention" in out.ops and "Reshape" in out.ops
+
+
+def test_heads_3d_keeps_a_reshape_to_2d(fusion):
+    # GPT-2 after merge-chains: the head merge reshapes straight to [B*S, H*D] for the next Gemm
+    m = bert_style(fusion)
+    for init in m.graph.initializer:
+        if init.name == "sh3":
+            init.CopyFrom(__import__("onnx").numpy_helper.from_array(np.array([8, 64], np.int64), "sh3"))
+    m.graph.output[0].type.tensor_type.shape.ClearField("dim")
+    for d in (8, 64):
+        m.graph.output[0].type.tensor_type.shape.dim.add().dim_value = d
+    out = fusion.run(m, "fuse-attention")
+    assert out.stats == {"matched": 1, "rewritten": 1}
+    assert out.ops == ["Attention", "Reshape"]
