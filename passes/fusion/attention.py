@@ -150,6 +150,8 @@ class FuseAttention(FusionPass):
             return "Cast after Softmax changes the dtype"
         qs, ks, vs = list(q.shape), list(kview.shape), list(v.shape)
         # kview is [B, H, D, Skv]
+        if not (_same_dim(qs[0], ks[0]) and _same_dim(qs[0], vs[0])):
+            return f"batch dims differ or are unknown (Q {qs}, K^T {ks}, V {vs}); MatMul would broadcast them"
         if not (_same_dim(qs[1], ks[1]) and _same_dim(qs[1], vs[1])):
             return f"head counts differ or are unknown (Q {qs}, K^T {ks}, V {vs})"
         if not (_same_dim(qs[3], ks[2]) and _same_dim(ks[3], vs[2])):

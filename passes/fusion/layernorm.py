@@ -3,7 +3,7 @@
     m = ReduceMean(x, axes);  d = x - m;  v = ReduceMean(d^2, axes)
     y = d / Sqrt(v + eps) [* gamma] [+ beta]          ->  LayerNormalization(x, gamma, beta, axis, eps)
 
-``d^2`` may be Pow(d, 2) or Mul(d, d).  ``axes`` must be the same trailing axes in both ReduceMeans
+``d^2`` may be Pow(d, 2) or Mul(d, d); ``d / Sqrt(..)`` may be d * Reciprocal(Sqrt(..)).  ``axes`` must be the same trailing axes in both ReduceMeans
 (keepdims=1); gamma / beta must be constants that broadcast over exactly the normalized axes.  Refuses
 (with the reason) below opset 17, when an intermediate is a graph output or read outside the match,
 when eps or the exponent is not constant, and when dtypes disagree.
@@ -72,6 +72,8 @@ class FuseLayerNorm(FusionPass):
                 sq = n
             elif n.op == "Div" and n.inputs[0] is d:
                 div = n
+            elif n.op == "Mul" and prod(other_input(n, d), "Reciprocal") is not None:
+                div = n  # d * Reciprocal(Sqrt(v + eps))
         if sq is None or div is None or len(readers) != 2:
             return None
         rm2 = sole_consumer(sq.outputs[0], "ReduceMean")
@@ -82,9 +84,16 @@ class FuseLayerNorm(FusionPass):
             return None
         eps_t = other_input(add, rm2.outputs[0])
         sqrt = sole_consumer(add.outputs[0], "Sqrt")
-        if sqrt is None or div.inputs[1] is not sqrt.outputs[0]:
+        if sqrt is None:
             return None
-        nodes = [node, sub, sq, rm2, add, sqrt, div]
+        recip = None
+        if div.op == "Mul":
+            recip = prod(other_input(div, d), "Reciprocal")
+            if recip.inputs[0] is not sqrt.outputs[0]:
+                return None
+        elif div.inputs[1] is not sqrt.outputs[0]:
+            return None
+        nodes = [node, sub, sq, rm2, add, sqrt] + ([recip] if recip is not None else []) + [div]
         y = div.outputs[0]
         gamma = beta = None
         r = _affine_param(div, y, "Mul")

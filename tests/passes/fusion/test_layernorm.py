@@ -53,3 +53,9 @@ def test_refuses_old_opset_and_leaks_and_wrong_axes(fusion):
     assert out.stats["rewritten"] == 0 and "trailing" in out.result.skipped[0]
     out = fusion.run(fusion.build(ln_text(), **weights(fusion, gshape=(5, 1))), "fuse-layernorm")
     assert out.stats["rewritten"] == 0  # gamma varies along a non-normalized axis: matched without it, refused
+
+
+def test_reciprocal_variant(fusion):
+    text = ln_text().replace("n = Div(d, s)", "rs = Reciprocal(s)\n  n = Mul(rs, d)")
+    out = fusion.run(fusion.build(text, **weights(fusion)), "fuse-layernorm")
+    assert out.stats == {"matched": 1, "rewritten": 1} and out.ops == ["LayerNormalization"]
