@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from graphopt.api import optimize
 from graphopt.verify import make_session
@@ -110,8 +111,6 @@ def main() -> None:
         feeds = feeds_for(p)
         original = onnx.load(str(p))
         if args.opset:
-            import onnx.version_converter
-
             original = onnx.version_converter.convert_version(original, args.opset)
         o1 = optimize(original, "O1", inputs=feeds, verify="off")
         r = optimize(original, "O2", inputs=feeds, verify="end")
