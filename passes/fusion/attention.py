@@ -92,22 +92,11 @@ class FuseAttention(FusionPass):
         # the output goes back through Transpose+Reshape (those 8 nodes go away too)
         heads_3d: bool = True
 
-    def match(self, node: gs.Node, graph: gs.Graph, ctx: PassContext) -> Match | None:
-        nodes = [node]
-        t = node.inputs[0]
-        mask = None
-        add = prod(t, "Add")
-        if add is not None:
-            for i in (0, 1):
-                if prod(add.inputs[i], ("Mul", "Div", "MatMul")) is not None:
-                    mask = add.inputs[1 - i]
-                    t = add.inputs[i]
-                    break
-            else:
-                return None
-            nodes.insert(0, add)
+    @staticmethod
+    def _scores(t: gs.Tensor):
+        """t = MatMul(Q, Kt) [* c | / c]: ([nodes], scale) or None."""
         scale_node = prod(t, ("Mul", "Div"))
-        scale = 1.0
+        scale, nodes = 1.0, []
         if scale_node is not None:
             k = scalar(scale_node.inputs[1])
             x = scale_node.inputs[0]
@@ -116,12 +105,28 @@ class FuseAttention(FusionPass):
             if k is None or k == 0:
                 return None
             scale = k if scale_node.op == "Mul" else 1.0 / k
-            nodes.insert(0, scale_node)
+            nodes.append(scale_node)
             t = x
         qk = prod(t, "MatMul")
         if qk is None:
             return None
-        nodes.insert(0, qk)
+        return [qk] + nodes, scale
+
+    def match(self, node: gs.Node, graph: gs.Graph, ctx: PassContext) -> Match | None:
+        t = node.inputs[0]
+        mask, found = None, self._scores(t)
+        add = prod(t, "Add")
+        if found is None and add is not None:
+            for i in (0, 1):
+                found = self._scores(add.inputs[i])
+                if found is not None:
+                    mask = add.inputs[1 - i]
+                    found = (found[0] + [add], found[1])
+                    break
+        if found is None:
+            return None
+        nodes, scale = found[0] + [node], found[1]
+        qk = nodes[0]
         p = node.outputs[0]
         cast = sole_consumer(p, "Cast")
         if cast is not None:

@@ -88,3 +88,17 @@ def test_heads_3d_keeps_a_reshape_to_2d(fusion):
     out = fusion.run(m, "fuse-attention")
     assert out.stats == {"matched": 1, "rewritten": 1}
     assert out.ops == ["Attention", "Reshape"]
+
+
+def test_mask_first_and_computed(fusion):
+    # Add(mask * -1e4, scores): the mask side is a Mul too, and comes first
+    m = attn_model(fusion)
+    for n in m.graph.node:
+        if n.op_type == "Add":
+            n.input[:] = ["mm", "scaled"]
+    mul = __import__("onnx").helper.make_node("Mul", ["mask", "big"], ["mm"])
+    m.graph.node.insert(0, mul)
+    m.graph.initializer.append(__import__("onnx").numpy_helper.from_array(np.array(-3.0, np.float32), "big"))
+    out = fusion.run(m, "fuse-attention")
+    assert out.stats == {"matched": 1, "rewritten": 1}
+    assert "Attention" in out.ops and "Mul" in out.ops  # the mask's own Mul stays
