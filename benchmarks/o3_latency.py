@@ -40,12 +40,15 @@ def _feeds(sess, sample: Path | None):
     return out
 
 
+CLOCK = time.perf_counter
+
+
 def _median_call(sess, feeds, iters: int) -> float:
     ts = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         sess.run(None, feeds)
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return statistics.median(ts)
 
 
@@ -76,10 +79,15 @@ def main() -> None:
     ap.add_argument("candidates", nargs="+")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: thread CPU time of the calling thread (1 intra-op thread runs "
+                         "kernels on it), far less sensitive to other processes on a shared machine")
     a = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if a.clock == "wall" else time.thread_time
     r = measure(a.original, a.candidates, a.rounds, a.iters)
     print(f"{Path(a.original).name}: original {r['original_ms']:.3f} ms/call (median), ORT_ENABLE_ALL, 1 thread, "
-          f"{a.rounds} interleaved rounds x {a.iters} calls")
+          f"{a.rounds} interleaved rounds x {a.iters} calls, {a.clock} clock")
     lo, hi = r["control_spread"]
     print(f"  control (identical model)  {r['control']:.3f}x  [round min {lo:.3f}, max {hi:.3f}]")
     for c, (med, lo, hi, ms) in r["candidates"].items():

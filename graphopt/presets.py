@@ -12,7 +12,7 @@ PRESETS: dict[str, str] = {
     "O0": "",
     "O1": "fixpoint{max-iter=4}(fold-constants,dce)",
     "O2": "O1",
-    "O3": "O2,fuse-ort-attention,fuse-embed-layernorm,fuse-skip-layernorm,fuse-bias-gelu,fuse-quick-gelu,dce",
+    "O3": "O2,fuse-ort-attention,fuse-embed-layernorm,fuse-bias-gelu,fuse-quick-gelu,unfuse-skip-layernorm,dce",
 }
 
 
