@@ -41,15 +41,17 @@ def _feeds(sess, sample: Path | None):
 
 
 CLOCK = time.perf_counter
+STAT = statistics.median
 
 
 def _median_call(sess, feeds, iters: int) -> float:
+    """The per-round figure of one session: median (default) or minimum of ``iters`` calls."""
     ts = []
     for _ in range(iters):
         t0 = CLOCK()
         sess.run(None, feeds)
         ts.append(CLOCK() - t0)
-    return statistics.median(ts)
+    return STAT(ts)
 
 
 def measure(original: str, candidates: list[str], rounds: int = 15, iters: int = 20, warmup: int = 5) -> dict:
@@ -82,12 +84,15 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: perf_counter; cpu: thread CPU time of the calling thread (1 intra-op thread runs "
                          "kernels on it), far less sensitive to other processes on a shared machine")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="per-round figure of each session over its --iters calls (min resists interference best)")
     a = ap.parse_args()
-    global CLOCK
+    global CLOCK, STAT
+    STAT = statistics.median if a.stat == "median" else min
     CLOCK = time.perf_counter if a.clock == "wall" else time.thread_time
     r = measure(a.original, a.candidates, a.rounds, a.iters)
     print(f"{Path(a.original).name}: original {r['original_ms']:.3f} ms/call (median), ORT_ENABLE_ALL, 1 thread, "
-          f"{a.rounds} interleaved rounds x {a.iters} calls, {a.clock} clock")
+          f"{a.rounds} interleaved rounds x {a.iters} calls, {a.clock} clock, per-round {a.stat}")
     lo, hi = r["control_spread"]
     print(f"  control (identical model)  {r['control']:.3f}x  [round min {lo:.3f}, max {hi:.3f}]")
     for c, (med, lo, hi, ms) in r["candidates"].items():

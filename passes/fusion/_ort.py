@@ -274,6 +274,9 @@ def _match_decomposed_layernorm(t: gs.Tensor) -> LayerNorm | None:
         mul_g = op_of(t, "Mul")
         if mul_g is None:
             return None
+        nxt = [u for u in t.outputs if u.op == "Add" and any(isinstance(i, gs.Constant) for i in u.inputs)]
+        if len(t.outputs) == 1 and nxt:
+            return None  # a beta follows: the match ending there is the one to take
     div = gamma = None
     for i in (0, 1):
         d = op_of(mul_g.inputs[i], "Div")

@@ -22,7 +22,7 @@ from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 from graphopt.shapes import infer_shapes
 
-from ._ort import MS_DOMAIN, clear, escapes, is_float32, near, only_consumer, op_of, other_input, scalar, static_shape
+from ._ort import MS_DOMAIN, clear, escapes, is_float32, near, op_of, other_input, scalar, static_shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -42,14 +42,14 @@ class GeluMatch:
 
 def _times_half_x(x: gs.Tensor, f: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
     """``0.5 * x * f`` in any association, starting from f: (output, nodes)."""
-    u = only_consumer(f)
-    if u is None or u.op != "Mul":
+    u = _consumer(f, "Mul")
+    if u is None:
         return None
     o = other_input(u, f)
     if o is x or scalar(o) == 0.5:
         want_half = o is x
-        v = only_consumer(u.outputs[0])
-        if v is None or v.op != "Mul":
+        v = _consumer(u.outputs[0], "Mul")
+        if v is None:
             return None
         o2 = other_input(v, u.outputs[0])
         if (want_half and scalar(o2) == 0.5) or (not want_half and o2 is x):
@@ -61,11 +61,19 @@ def _times_half_x(x: gs.Tensor, f: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]]
     return None
 
 
+def _consumer(t: gs.Tensor, op: str, value: float | None = None) -> gs.Node | None:
+    """The first ``op`` node reading ``t`` (with a scalar ``value`` as its other input, if given).
+
+    Other readers are allowed here: ``check`` refuses the match with a reason if they exist."""
+    for u in t.outputs:
+        if u.op == op and (u.domain or "") in ("", "ai.onnx") and other_input(u, t) is not None:
+            if value is None or scalar(other_input(u, t)) == value:
+                return u
+    return None
+
+
 def _one_plus(t: gs.Tensor) -> gs.Node | None:
-    a = only_consumer(t)
-    if a is None or a.op != "Add" or scalar(other_input(a, t)) != 1.0:
-        return None
-    return a
+    return _consumer(t, "Add", 1.0)
 
 
 def _const_mul(t: gs.Tensor, value: float) -> gs.Tensor | None:
