@@ -44,17 +44,22 @@ CLOCK = time.perf_counter
 STAT = statistics.median
 
 
-def _median_call(sess, feeds, iters: int) -> float:
+def _median_call(sess, feeds, iters: int, clock=None, stat=None) -> float:
     """The per-round figure of one session: median (default) or minimum of ``iters`` calls."""
+    clock, stat = clock or CLOCK, stat or STAT
     ts = []
     for _ in range(iters):
-        t0 = CLOCK()
+        t0 = clock()
         sess.run(None, feeds)
-        ts.append(CLOCK() - t0)
-    return STAT(ts)
+        ts.append(clock() - t0)
+    return stat(ts)
 
 
-def measure(original: str, candidates: list[str], rounds: int = 15, iters: int = 20, warmup: int = 5) -> dict:
+def measure(original: str, candidates: list[str], rounds: int = 15, iters: int = 20, warmup: int = 5,
+            clock: str | None = None, stat: str | None = None) -> dict:
+    """Ratios candidate / original per round (and control / original), medians over rounds."""
+    ck = None if clock is None else (time.perf_counter if clock == "wall" else time.thread_time)
+    st = None if stat is None else (statistics.median if stat == "median" else min)
     paths = [original, original] + candidates  # [reference, control, ...]
     sessions = [_session(p) for p in paths]
     feeds = _feeds(sessions[0], Path(original).with_suffix(".npz"))
@@ -62,9 +67,11 @@ def measure(original: str, candidates: list[str], rounds: int = 15, iters: int =
         for _ in range(warmup):
             s.run(None, feeds)
     per = [[] for _ in paths]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            per[i].append(_median_call(s, feeds, iters))
+    for r in range(rounds):
+        order = list(range(len(sessions)))
+        order = order[r % len(order):] + order[:r % len(order)]  # rotate: no session always runs first
+        for i in order:
+            per[i].append(_median_call(sessions[i], feeds, iters, ck, st))
     ratios = [[c / r for c, r in zip(per[i], per[0])] for i in range(len(paths))]
     return {
         "original_ms": statistics.median(per[0]) * 1e3,
