@@ -41,6 +41,7 @@ class AttentionMatch:
     bias: gs.Tensor | None
     out: gs.Tensor
     nodes: list[gs.Node]
+    keep_reshape: gs.Node | None = None  # a Reshape of the [B, S, hidden] result that stays (reads the new op)
 
 
 def _perm(node: gs.Node | None) -> list[int] | None:
@@ -181,13 +182,20 @@ def match(graph: gs.Graph, softmax: gs.Node) -> tuple[AttentionMatch | None, str
             nodes += l.nodes
     x = linears[0].x
     # -- shapes, dtypes ----------------------------------------------------------------------------
+    keep_reshape = None
     xs, os_ = static_shape(x), static_shape(out)
     if xs is None or len(xs) != 3:
         return None, f"{name}: the attention input is not a 3-D [B, S, hidden] tensor (shape {xs})"
     if not is_float32(x):
         return None, f"{name}: only float32 attention is fused"
     if os_ is None or os_ != xs[:2] + [hidden]:
-        return None, f"{name}: output shape {os_} is not [B, S, {hidden}] for input {xs}"
+        # heads merged straight into another layout (e.g. [B*S, hidden] after two Reshapes were merged):
+        # keep that Reshape, fed by the fused [B, S, hidden] output
+        if os_ is None or not os_ or os_[-1] != hidden or not all(isinstance(d, int) for d in os_ + xs[:2]) \
+                or int(np.prod(os_)) != int(np.prod(xs[:2])) * hidden:
+            return None, f"{name}: output shape {os_} is not [B, S, {hidden}] (or a static reshape of it) for input {xs}"
+        nodes.remove(r_out)
+        keep_reshape = r_out  # the only reader of the merged heads (only_consumer above)
     if bias is not None:
         bs = static_shape(bias)
         seq = xs[1]
@@ -197,12 +205,13 @@ def match(graph: gs.Graph, softmax: gs.Node) -> tuple[AttentionMatch | None, str
             return None, f"{name}: the additive mask has shape {bs}, need 4-D [B|1, N|1, S, S]"
         if bs[2] != seq or bs[3] != seq or bs[0] not in (1, xs[0]) or bs[1] not in (1, num_heads):
             return None, f"{name}: the additive mask shape {bs} does not fit [B|1, N|1, {seq}, {seq}]"
-    return AttentionMatch(softmax, x, linears, split, num_heads, head_size, scale, bias, out, nodes), None
+    return AttentionMatch(softmax, x, linears, split, num_heads, head_size, scale, bias, out, nodes, keep_reshape), None
 
 
 def check(graph: gs.Graph, m: AttentionMatch) -> str | None:
     name = m.softmax.name or "Softmax"
-    why = escapes(graph, m.nodes, keep=[m.out])
+    keep = [m.out] if m.keep_reshape is None else [m.keep_reshape.inputs[0]]
+    why = escapes(graph, m.nodes, keep=keep)
     if why:
         return f"{name}: {why}"
     for l in m.linears:
@@ -228,8 +237,13 @@ def rewrite(graph: gs.Graph, m: AttentionMatch) -> gs.Node:
     inputs = [m.x, w_c, b_c]
     if m.bias is not None:
         inputs += [gs.Variable.empty(), gs.Variable.empty(), m.bias]
-    out = m.out
     clear(m.nodes)
+    if m.keep_reshape is None:
+        out = m.out
+    else:
+        out = gs.Variable(derived_name(graph, m.out.name, "attention"), dtype=np.float32,
+                          shape=list(static_shape(m.x)[:2]) + [m.num_heads * m.head_size])
+        m.keep_reshape.inputs[0] = out
     node = gs.Node(
         "Attention", name=derived_name(graph, m.softmax.name or "attention", "Attention"), domain=MS_DOMAIN,
         attrs={"num_heads": int(m.num_heads), "scale": float(m.scale)}, inputs=inputs, outputs=[out],

@@ -173,3 +173,15 @@ def test_attention_inside_a_subgraph_is_left_alone():
     )
     _, r = run_pass(m, "fuse-ort-attention")
     assert not r.changed and r.stats["matched"] == 0
+
+
+def test_heads_merged_straight_to_2d_keep_that_reshape():
+    # what -O1 leaves when it merges GPT-2's "merge heads" Reshape with the 2-D Reshape before c_proj
+    body = BERT_BODY.replace("y = Reshape(ot, s3)", "y = Reshape(ot, s2)")
+    m = bert(body, "(float[1,8,16] x, float[1,1,8,8] mask) => (float[8,16] y)",
+             "<int64[4] s4 = {1,8,-1,8}, int64[2] s2 = {8,16}, float scale = {0.35355339}>")
+    m2, r = run_pass(m, "fuse-ort-attention")
+    assert r.stats["rewritten"] == 1, r.skipped
+    assert ops(m2) == {"Attention": 1, "Reshape": 1}
+    full_check(m2)
+    assert_same(m, m2, feeds())
