@@ -203,8 +203,10 @@ def match(graph: gs.Graph, softmax: gs.Node) -> tuple[AttentionMatch | None, str
             return None, f"{name}: the additive mask is not float32"
         if bs is None or len(bs) != 4:
             return None, f"{name}: the additive mask has shape {bs}, need 4-D [B|1, N|1, S, S]"
-        if bs[2] != seq or bs[3] != seq or bs[0] not in (1, xs[0]) or bs[1] not in (1, num_heads):
+        if bs[3] != seq or bs[2] not in (1, seq) or bs[0] not in (1, xs[0]) or bs[1] not in (1, num_heads):
             return None, f"{name}: the additive mask shape {bs} does not fit [B|1, N|1, {seq}, {seq}]"
+        if bs[2] == 1 and not (isinstance(seq, int) and isinstance(bs[0], int) and isinstance(bs[1], int)):
+            return None, f"{name}: a key-only mask {bs} needs static dims to be expanded over the queries"
     return AttentionMatch(softmax, x, linears, split, num_heads, head_size, scale, bias, out, nodes, keep_reshape), None
 
 
@@ -220,7 +222,23 @@ def check(graph: gs.Graph, m: AttentionMatch) -> str | None:
     return None
 
 
-def rewrite(graph: gs.Graph, m: AttentionMatch) -> gs.Node:
+def _full_bias(graph: gs.Graph, m: AttentionMatch, expanded: dict) -> gs.Tensor:
+    """The additive mask as [B|1, N|1, S, S]: a key-only [B|1, N|1, 1, S] mask (classic BERT) is expanded
+    over the query positions once and shared by every layer that reads it."""
+    bs = static_shape(m.bias)
+    if bs[2] != 1:
+        return m.bias
+    if id(m.bias) not in expanded:
+        seq = static_shape(m.x)[1]
+        full = gs.Variable(derived_name(graph, m.bias.name, "per_query"), dtype=np.float32, shape=[bs[0], bs[1], seq, seq])
+        shape = gs.Constant(derived_name(graph, m.bias.name, "per_query_shape"), np.array([bs[0], bs[1], seq, seq], dtype=np.int64))
+        graph.nodes.append(gs.Node("Expand", name=derived_name(graph, m.bias.name, "Expand"), inputs=[m.bias, shape], outputs=[full]))
+        expanded[id(m.bias)] = full
+    return expanded[id(m.bias)]
+
+
+def rewrite(graph: gs.Graph, m: AttentionMatch, expanded: dict | None = None) -> gs.Node:
+    expanded = {} if expanded is None else expanded
     if m.split is not None:
         w = m.linears[0].weight()
         b = m.linears[0].bias_values()
@@ -236,7 +254,7 @@ def rewrite(graph: gs.Graph, m: AttentionMatch) -> gs.Node:
     b_c = new_const(graph, base, "qkv_bias", b.astype(np.float32))
     inputs = [m.x, w_c, b_c]
     if m.bias is not None:
-        inputs += [gs.Variable.empty(), gs.Variable.empty(), m.bias]
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), _full_bias(graph, m, expanded)]
     clear(m.nodes)
     if m.keep_reshape is None:
         out = m.out
@@ -268,6 +286,7 @@ class FuseOrtAttention(Pass):
         if not softmaxes:
             return PassResult(False, stats)
         infer_shapes(graph, ctx)
+        expanded: dict = {}
         for sm in softmaxes:
             if not sm.inputs or not sm.outputs:
                 continue  # taken by an earlier rewrite
@@ -281,7 +300,7 @@ class FuseOrtAttention(Pass):
                 continue
             if not ctx.allow_rewrite(f"Attention at {sm.name}"):
                 break
-            rewrite(graph, m)
+            rewrite(graph, m, expanded)
             stats["rewritten"] += 1
         changed = stats["rewritten"] > 0
         if changed:

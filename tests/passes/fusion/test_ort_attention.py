@@ -129,11 +129,48 @@ def test_dynamic_batch_fuses_and_runs_for_batch_3():
     assert_same(m, m2, feeds(batch=3))
 
 
-def test_refuses_key_padding_mask_broadcast_over_queries():
-    m = bert(sig="(float[1,8,16] x, float[1,1,1,8] mask) => (float[1,8,16] y)")
+def _layer(i: int, inp: str, out: str) -> str:
+    """One BERT attention block with its own weights (wq{i}, ...), reading the shared ``mask``."""
+    return f"""
+  qm{i} = MatMul({inp}, wq{i})
+  q{i} = Add(bq{i}, qm{i})
+  km{i} = MatMul({inp}, wk{i})
+  k{i} = Add(km{i}, bk{i})
+  vm{i} = MatMul({inp}, wv{i})
+  v{i} = Add(bv{i}, vm{i})
+  q4{i} = Reshape(q{i}, s4)
+  k4{i} = Reshape(k{i}, s4)
+  v4{i} = Reshape(v{i}, s4)
+  qt{i} = Transpose<perm=[0,2,1,3]>(q4{i})
+  kt{i} = Transpose<perm=[0,2,3,1]>(k4{i})
+  vt{i} = Transpose<perm=[0,2,1,3]>(v4{i})
+  s{i} = MatMul(qt{i}, kt{i})
+  ss{i} = Mul(s{i}, scale)
+  a{i} = Add(ss{i}, mask)
+  p{i} = Softmax<axis=-1>(a{i})
+  o{i} = MatMul(p{i}, vt{i})
+  ot{i} = Transpose<perm=[0,2,1,3]>(o{i})
+  {out} = Reshape(ot{i}, s3)
+"""
+
+
+def test_key_only_mask_is_expanded_over_queries_once_for_all_layers():
+    # classic BERT export: (1 - mask[:, None, None, :]) * -10000, shape [B, 1, 1, S], shared by the layers
+    w = {f"{k}{i}": v for i in (1, 2) for k, v in weights(i, wq=(16, 16), wk=(16, 16), wv=(16, 16), bq=(16,), bk=(16,), bv=(16,)).items()}
+    m = build(f"{HEADER}\ng (float[1,8,16] x, float[1,1,1,8] mask) => (float[1,8,16] y) {CONSTS} "
+              f"{{{_layer(1, 'x', 'h')}{_layer(2, 'h', 'y')}}}", **w)
+    m2, r = run_pass(m, "fuse-ort-attention")
+    assert r.stats == {"matched": 2, "rewritten": 2}, r.skipped
+    assert ops(m2) == {"Attention": 2, "Expand": 1}
+    full_check(m2)
+    assert_same(m, m2, feeds(mask_shape=(1, 1, 1, 8)))
+
+
+def test_refuses_a_2d_mask():
+    m = bert(sig="(float[1,8,16] x, float[8,8] mask) => (float[1,8,16] y)")
     m2, r = run_pass(m, "fuse-ort-attention")
     assert not r.changed and r.stats == {"matched": 1, "rewritten": 0}
-    assert "additive mask shape" in r.skipped[0]
+    assert "additive mask has shape" in r.skipped[0]
     assert m2.graph.node[-1].op_type == "Reshape"
 
 
