@@ -81,3 +81,45 @@ def test_O3_preset_on_the_cnns(shared_dir, name):
     assert res.verification.ok
     if name == "efficientnet_b0":
         assert _ops(res.model)["QuickGelu"] == 49  # SiLU = QuickGelu(alpha=1)
+
+
+def _decompose_layernorms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """bert_mini as an exporter without the LayerNormalization op (opset < 17) writes it:
+    ReduceMean / Sub / Pow / ReduceMean / Add / Sqrt / Div / Mul / Add."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    for i, n in enumerate(m.graph.node):
+        if n.op_type != "LayerNormalization":
+            nodes.append(n)
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        x, g, b = n.input
+        p = f"ln{i}_"
+        m.graph.initializer.extend([numpy_helper.from_array(np.array(2.0, np.float32), p + "two"),
+                                    numpy_helper.from_array(np.array(eps, np.float32), p + "eps")])
+        nodes += [
+            helper.make_node("ReduceMean", [x], [p + "mu"], axes=[-1]),
+            helper.make_node("Sub", [x, p + "mu"], [p + "d"]),
+            helper.make_node("Pow", [p + "d", p + "two"], [p + "sq"]),
+            helper.make_node("ReduceMean", [p + "sq"], [p + "var"], axes=[-1]),
+            helper.make_node("Add", [p + "var", p + "eps"], [p + "ve"]),
+            helper.make_node("Sqrt", [p + "ve"], [p + "sd"]),
+            helper.make_node("Div", [p + "d", p + "sd"], [p + "n"]),
+            helper.make_node("Mul", [p + "n", g], [p + "ng"]),
+            helper.make_node("Add", [p + "ng", b], [n.output[0]]),
+        ]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+@pytest.mark.corpus
+def test_decomposed_layernorm_form_of_bert_mini(shared_dir):
+    model = _decompose_layernorms(onnx.load(shared_dir / "corpus" / "bert_mini.onnx"))
+    assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    res = graphopt.optimize(model, FUSIONS, inputs=shared_dir / "corpus" / "bert_mini.npz")
+    assert res.verification.ok, res.verification.summary()
+    assert dict(_ops(res.model)) == {"Attention": 4, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 8, "BiasGelu": 4}
