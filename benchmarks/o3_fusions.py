@@ -94,6 +94,9 @@ def main() -> None:
         print(f"     control (same model)  {r['control']:.3f}x  [rounds {lo:.3f}..{hi:.3f}]")
         for c, (med, lo, hi, ms) in r["candidates"].items():
             print(f"     {Path(c).name:22s}{med:.3f}x  [rounds {lo:.3f}..{hi:.3f}]  {ms:.2f} ms")
+        ks = o3_latency.kernel_sums([str(src)] + cands + [str(src)])
+        print(f"   sum of per-node fastest kernel times (profiler, interleaved, 200 calls): original {ks[0]:.3f} ms, "
+              f"original again {ks[-1]:.3f} ms; " + ", ".join(f"{Path(c).name} {k:.3f} ms ({k / ks[0]:.3f}x)" for c, k in zip(cands, ks[1:-1])))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,43 @@ def measure(original: str, candidates: list[str], rounds: int = 15, iters: int =
     }
 
 
+def kernel_sums(paths: list[str], calls: int = 200) -> list[float]:
+    """Sum over nodes of each node's fastest kernel time (onnxruntime profiler), sessions run interleaved.
+
+    Per-node minima drop most of the interference a shared machine adds; the sum leaves out the
+    executor's per-node overhead (which favours graphs with fewer nodes), so it is a conservative figure.
+    """
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        sessions = []
+        for i, p in enumerate(paths):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(d, f"s{i}")
+            sessions.append(ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]))
+        feeds = _feeds(sessions[0], Path(paths[0]).with_suffix(".npz"))
+        for _ in range(calls):
+            for s in sessions:
+                s.run(None, feeds)
+        for s in sessions:
+            best: dict[str, float] = {}
+            for e in json.load(open(s.end_profiling())):
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    best[e["name"]] = min(best.get(e["name"], float("inf")), e["dur"])
+            out.append(sum(best.values()) / 1e3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("original")
