@@ -103,12 +103,16 @@ def match(graph: gs.Graph, softmax: gs.Node) -> tuple[AttentionMatch | None, str
     mm_qk, scale, qk_nodes = qk
     nodes += qk_nodes
     probs = softmax.outputs[0]
-    user = only_consumer(probs)
-    if user is not None and user.op == "Cast" and user.attrs.get("to") == onnx.TensorProto.FLOAT and is_float32(probs):
+
+    def reader(t: gs.Tensor, op: str) -> gs.Node | None:  # other readers are refused later, with a reason
+        return next((u for u in t.outputs if u.op == op and u.inputs and u.inputs[0] is t), None)
+
+    user = reader(probs, "Cast")
+    if user is not None and user.attrs.get("to") == onnx.TensorProto.FLOAT and is_float32(probs):
         nodes.append(user)
         probs = user.outputs[0]
-        user = only_consumer(probs)
-    if user is None or user.op != "MatMul" or user.inputs[0] is not probs:
+    user = reader(probs, "MatMul")
+    if user is None:
         return None, None
     mm_v = user
     nodes.append(mm_v)

@@ -194,6 +194,12 @@ def test_refuses_when_probabilities_are_a_graph_output():
     assert not r.changed and "graph output" in r.skipped[0]
 
 
+def test_refuses_when_probabilities_are_read_elsewhere():
+    m = bert(BERT_BODY + "  pp = Identity(p)\n", "(float[1,8,16] x, float[1,1,8,8] mask) => (float[1,8,16] y, float[1,2,8,8] pp)")
+    _, r = run_pass(m, "fuse-ort-attention")
+    assert not r.changed and r.stats["matched"] == 1 and "also read by Identity" in r.skipped[0]
+
+
 def test_refuses_cross_attention():
     body = BERT_BODY.replace("km = MatMul(x, wk)", "km = MatMul(mem, wk)").replace("vm = MatMul(x, wv)", "vm = MatMul(mem, wv)")
     m = bert(body, "(float[1,8,16] x, float[1,8,16] mem, float[1,1,8,8] mask) => (float[1,8,16] y)")
