@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
+from tests.passes.fusion._ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 W = weights(0, w=(16, 32), b=(32,))

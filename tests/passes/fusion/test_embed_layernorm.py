@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
+from tests.passes.fusion._ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 W = weights(0, word=(50, 16), seg=(2, 16), pos=(1, 8, 16), table=(12, 16), gamma=(16,), beta=(16,))

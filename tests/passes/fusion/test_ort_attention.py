@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
+from tests.passes.fusion._ort_testlib import assert_same, build, full_check, ops, run_pass, weights  # noqa: E402
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 QKV = weights(0, wq=(16, 16), wk=(16, 16), wv=(16, 16), bq=(16,), bk=(16,), bv=(16,))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ort_testlib import assert_same, build, full_check, ops, run_pass  # noqa: E402
+from tests.passes.fusion._ort_testlib import assert_same, build, full_check, ops, run_pass  # noqa: E402
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 X = {"x": np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32) * 3}
