@@ -95,12 +95,53 @@ def _normalize(x: Any) -> Any:
         return numpy_helper.to_optional(x)
     if isinstance(x, (list, tuple)):
         return [_normalize(v) for v in x]
+    if isinstance(x, np.generic):  # a numpy scalar: onnxruntime takes 0-d arrays only
+        return np.asarray(x)
     return x
 
 
+_CACHE_FORMAT = 1
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("GRAPHOPT_BACKEND_CACHE", "1") == "0":
+        return None
+    base = os.environ.get("GRAPHOPT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "graphopt")
+    return Path(base) / f"onnx-backend-node-{onnx.__version__}-v{_CACHE_FORMAT}.pkl"
+
+
 def load_node_cases() -> list[Case]:
-    """The per-operator cases built by ``onnx.backend.test.loader`` (numpy warnings of the reference
-    implementations are silenced: they are the point of some cases, e.g. overflow in casts)."""
+    """The per-operator cases built by ``onnx.backend.test.loader``.
+
+    Building them runs every operator's numpy reference (15-45 s), so the result is cached per onnx
+    version in ``~/.cache/graphopt`` (``GRAPHOPT_CACHE`` moves it, ``GRAPHOPT_BACKEND_CACHE=0`` turns
+    it off).  It is a cache of data the installed onnx package generates, not of graphopt's results.
+    """
+    import pickle
+
+    path = _cache_file()
+    if path is not None and path.is_file():
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        except Exception:
+            pass  # stale or truncated: rebuild
+    cases = _build_node_cases()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(cases, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return cases
+
+
+def _build_node_cases() -> list[Case]:
+    """Numpy warnings of the reference implementations are silenced: they are the point of some
+    cases (overflow in casts, log of zero)."""
     from onnx.backend.test import loader
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
