@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reproduced by onnxruntime (ORT_DISABLE_ALL): {s['reproduced_by_onnxruntime']}   skipped: {s['skipped']}")
     print(f"pass: {s['pass']}   unchanged: {s['unchanged']}   failed: {s['failed']}")
     print(f"nodes over the reproduced cases: {s['nodes_before']} -> {s['nodes_after']}")
+    if s["original_fails_full_check"]:
+        print(f"reproduced cases whose original already fails onnx.checker(full_check=True): {s['original_fails_full_check']}"
+              " (their result is held to the plain checker; listed under 'notes' in the JSON)")
     if args.show_skipped:
         print("\nskipped (onnxruntime does not reproduce the original):")
         for r in results:
