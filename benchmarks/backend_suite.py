@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="match", default="", help="only cases whose id contains this text")
     ap.add_argument("-j", "--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
+    ap.add_argument("--verify", choices=["off", "end", "each"], default="off",
+                    help="graphopt's own verification during optimize (default off: the stored outputs are the judge)")
     ap.add_argument("--plugin", action="append", default=[], help="a plugin module or file (repeatable)")
     ap.add_argument("--json", help="write counts, failures and skips to this file")
     ap.add_argument("--show-skipped", action="store_true", help="list the cases onnxruntime does not reproduce")
@@ -51,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r{i}/{n} {r.case[:60]:60s}", end="", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    results = harness.run_suite(cases, pipeline, workers=args.workers, timeout=args.timeout, plugins=args.plugin, progress=progress)
+    results = harness.run_suite(cases, pipeline, workers=args.workers, timeout=args.timeout, plugins=args.plugin, verify=args.verify, progress=progress)
     t_run = time.perf_counter() - t0
     if sys.stderr.isatty():
         print(file=sys.stderr)
 
     s = harness.summarize(results)
-    print(f"pipeline: {pipeline!r}   onnx {harness.onnx.__version__}   load {t_load:.1f} s, run {t_run:.1f} s ({args.workers} workers)")
+    print(f"pipeline: {pipeline!r}   verify: {args.verify}   onnx {harness.onnx.__version__}   load {t_load:.1f} s, run {t_run:.1f} s ({args.workers} workers)")
     by_kind = Counter(c.kind for c in cases)
     print("cases: " + ", ".join(f"{k} {v}" for k, v in by_kind.items()) + f"; total {s['cases']}")
     print(f"reproduced by onnxruntime (ORT_DISABLE_ALL): {s['reproduced_by_onnxruntime']}   skipped: {s['skipped']}")

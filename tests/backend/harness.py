@@ -424,17 +424,17 @@ def _full_check(model: onnx.ModelProto) -> str | None:
         return _first_line(e)
 
 
-def run_case(case: Case, pipeline: str = "O0", plugins: Sequence[str] = ()) -> CaseResult:
+def run_case(case: Case, pipeline: str = "O0", plugins: Sequence[str] = (), verify: str = "off") -> CaseResult:
     t0 = time.perf_counter()
     res = CaseResult(case.id, "skipped")
     try:
-        _run_case(case, pipeline, plugins, res)
+        _run_case(case, pipeline, plugins, res, verify)
     finally:
         res.seconds = round(time.perf_counter() - t0, 3)
     return res
 
 
-def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult) -> None:
+def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult, verify: str = "off") -> None:
     import graphopt.api
 
     try:
@@ -459,7 +459,11 @@ def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult
     # (b) graphopt
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            result = graphopt.api.optimize(case.path if case.path else model, pipeline, verify="off", plugins=plugins)
+            result = graphopt.api.optimize(case.path if case.path else model, pipeline, verify=verify, plugins=plugins)
+    except graphopt.errors.VerificationError as e:
+        # graphopt's own check (generated inputs) refused a result: wrong, or a false alarm
+        res.status, res.reason = "failed", f"verify: {_first_line(e)}"
+        return
     except Exception as e:
         res.status, res.reason = "failed", f"crash: {type(e).__name__}: {_first_line(e)}"
         return
@@ -514,7 +518,7 @@ def quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)
 
 
-def _worker(cases: list[Case], pipeline: str, plugins: Sequence[str], tasks, results, wid: int) -> None:
+def _worker(cases: list[Case], pipeline: str, plugins: Sequence[str], verify: str, tasks, results, wid: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quiet_onnxruntime()
     while True:
@@ -523,7 +527,7 @@ def _worker(cases: list[Case], pipeline: str, plugins: Sequence[str], tasks, res
             return
         results.put(("start", wid, i, time.time()))
         try:
-            r = run_case(cases[i], pipeline, plugins)
+            r = run_case(cases[i], pipeline, plugins, verify)
         except BaseException as e:  # run_case catches per step; this is a harness bug
             r = CaseResult(cases[i].id, "failed", f"crash: harness: {type(e).__name__}: {_first_line(e)}")
         results.put(("done", wid, i, r))
@@ -536,14 +540,20 @@ def run_suite(
     workers: int = 2,
     timeout: float = 180.0,
     plugins: Sequence[str] = (),
+    verify: str = "off",
     progress: Callable[[int, int, CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Run ``cases`` in ``workers`` forked processes; results in the order of ``cases``."""
+    """Run ``cases`` in ``workers`` forked processes; results in the order of ``cases``.
+
+    ``verify`` is passed to ``graphopt.optimize``: ``"off"`` (default) tests the optimizer alone;
+    ``"end"`` is what ``graphopt optimize`` does by default, so a refusal by graphopt's own
+    verification (on generated inputs) shows up as a ``verify:`` failure.
+    """
     if workers <= 1 or len(cases) <= 1:
         quiet_onnxruntime()
         out = []
         for i, c in enumerate(cases):
-            out.append(run_case(c, pipeline, plugins))
+            out.append(run_case(c, pipeline, plugins, verify))
             if progress:
                 progress(i + 1, len(cases), out[-1])
         return out
@@ -557,7 +567,7 @@ def run_suite(
 
     def spawn() -> None:
         nonlocal next_id
-        p = ctx.Process(target=_worker, args=(cases, pipeline, tuple(plugins), tasks, results, next_id), daemon=True)
+        p = ctx.Process(target=_worker, args=(cases, pipeline, tuple(plugins), verify, tasks, results, next_id), daemon=True)
         p.start()
         procs[next_id] = p
         current[next_id] = None
