@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if s["original_fails_full_check"]:
         print(f"reproduced cases whose original already fails onnx.checker(full_check=True): {s['original_fails_full_check']}"
               " (their result is held to the plain checker; listed under 'notes' in the JSON)")
+    if args.verify != "off":
+        print(f"graphopt's own verification said 'not verified' (and exported) on {s['graphopt_not_verified']} reproduced cases")
     if args.show_skipped:
         print("\nskipped (onnxruntime does not reproduce the original):")
         for r in results:

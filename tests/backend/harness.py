@@ -76,6 +76,7 @@ class CaseResult:
     nodes_after: int = 0
     seconds: float = 0.0
     note: str = ""  # e.g. the original already fails onnx.checker's full check
+    verification: str = ""  # graphopt's own verdict with verify="end": passed / not-verified: reason
 
     @property
     def category(self) -> str:
@@ -468,6 +469,9 @@ def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult
         res.status, res.reason = "failed", f"crash: {type(e).__name__}: {_first_line(e)}"
         return
     opt = result.model
+    if result.verification is not None:
+        v = result.verification
+        res.verification = v.status + (f": {v.reason}" if v.reason else "")
     res.nodes_after = count_nodes(opt.graph)
     orig_check = _full_check(model)
     opt_check = _full_check(opt)
@@ -668,6 +672,7 @@ def summarize(results: list[CaseResult]) -> dict[str, Any]:
         "reproduced_by_onnxruntime": len(results) - counts["skipped"],
         **counts,
         "original_fails_full_check": sum(bool(r.note) for r in results),
+        "graphopt_not_verified": sum(r.verification.startswith("not-verified") for r in results),
         "nodes_before": sum(r.nodes_before for r in results if r.status in ("pass", "unchanged")),
         "nodes_after": sum(r.nodes_after for r in results if r.status in ("pass", "unchanged")),
     }
@@ -685,5 +690,6 @@ def write_json(path: str | os.PathLike, pipeline: str, results: list[CaseResult]
         "failed": [asdict(r) for r in results if r.status == "failed"],
         "skipped": [{"case": r.case, "reason": r.reason} for r in results if r.status == "skipped"],
         "notes": [{"case": r.case, "note": r.note} for r in results if r.note],
+        "not_verified": [{"case": r.case, "verification": r.verification} for r in results if r.verification.startswith("not-verified")],
     }
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")

@@ -33,7 +33,9 @@ def test_case_inventory(cases):
     assert kinds["node"] >= 1800 and sum(c.name.endswith("_expanded") for c in cases) >= 300, kinds
     assert kinds["simple"] >= 20 and kinds["pytorch-converted"] >= 80 and kinds["pytorch-operator"] >= 30, kinds
     assert kinds["light"] == 9, kinds
-    assert len({c.id for c in cases}) == len(cases)
+    ids = {c.id for c in cases}
+    assert len(ids) == len(cases)
+    assert [a for a in harness.ALWAYS if a not in ids] == []  # the sample's control-flow/sequence/... picks
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
