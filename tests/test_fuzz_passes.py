@@ -1,6 +1,7 @@
 """Fuzz: every registered exact pass keeps the numerics of random small graphs.
 
-Graphs mix graph inputs, initializers, Constant nodes and elementwise / shape / matmul ops, so that
+Graphs mix graph inputs, initializers, Constant nodes, elementwise / shape / matmul ops and If
+nodes whose branches read outer tensors, so that
 constant subexpressions (fold-constants), dead branches (dce), identities and duplicates (cleanup
 passes) all occur, including a graph output computed from constants only and a tensor used twice.
 Each exact pass must give a model that passes onnx.checker (full check), keeps the output names,
@@ -54,7 +55,7 @@ def graphs(draw):
         pool[shape].append(name)
     const_only = {n for s in pool.values() for n in s if n != "x"}
     for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["unary", "binary", "transpose", "matmul", "reshape", "const"]))
+        kind = draw(st.sampled_from(["unary", "binary", "transpose", "matmul", "reshape", "const", "if"]))
         shape = draw(st.sampled_from([s for s in SHAPES if pool[s]] or [(2, 3)]))
         if not pool[shape]:
             continue
@@ -83,6 +84,21 @@ def graphs(draw):
             inits.append(onnx.numpy_helper.from_array(np.array(target, np.int64), sname))
             nodes.append(helper.make_node("Reshape", [a, sname], [out]))
             oshape, deps = target, [a]
+        elif kind == "if":
+            # a subgraph reading an outer tensor; the condition comes from a constant or from x
+            c_src = draw(st.sampled_from(pool[shape]))
+            red, cond = new("r"), new("c")
+            nodes.append(helper.make_node("ReduceSum", [c_src], [red], keepdims=0))
+            zero = new("z")
+            inits.append(onnx.numpy_helper.from_array(np.array(0, np.float32), zero))
+            nodes.append(helper.make_node("Greater", [red, zero], [cond]))
+            branches = {}
+            for br, op in (("then_branch", draw(st.sampled_from(UNARY))), ("else_branch", draw(st.sampled_from(UNARY)))):
+                inner, inner2 = new("i"), new("o")
+                body = [helper.make_node(op, [a], [inner]), helper.make_node("Mul", [inner, a], [inner2])]
+                branches[br] = helper.make_graph(body, new("body"), [], [helper.make_tensor_value_info(inner2, TensorProto.FLOAT, [None, None])])
+            nodes.append(helper.make_node("If", [cond], [out], **branches))
+            oshape, deps = shape, [a, c_src]
         else:
             val = rng.standard_normal(shape).astype(np.float32)
             nodes.append(helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(val)))
@@ -90,7 +106,8 @@ def graphs(draw):
         if all(d in const_only for d in deps):
             const_only.add(out)
         pool[oshape].append(out)
-    produced = [o for n in nodes for o in n.output if o not in {i.name for i in inits}]
+    in_pool = {n for names in pool.values() for n in names}
+    produced = [o for n in nodes for o in n.output if o in in_pool]  # rank-2 results only
     if not produced:
         nodes.append(helper.make_node("Relu", ["x"], ["t_last"]))
         produced = ["t_last"]
