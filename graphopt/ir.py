@@ -166,18 +166,20 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
         graph = gs.import_onnx(model)
     except Exception as e:  # gs raises plain exceptions on odd models
         raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
-    _import_what_gs_skips(model.graph, graph)
+    _import_what_gs_skips(model.graph, graph, model.ir_version)
     return graph
 
 
-def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
     """Put back what ``gs.import_onnx`` leaves out.
 
     * Attributes of type TYPE_PROTO(S) (``Optional``'s ``type``): gs skips them with a warning, which
       turns a valid model invalid.  ``onnx.helper.make_attribute`` (used by gs's exporter) writes a
       ``TypeProto`` back correctly, so they are stored in ``node.attrs`` as ``TypeProto`` values.
-    * Initializers listed as graph inputs that no node uses: gs imports only the constants nodes
-      reach, so such an input would vanish from the signature.  They stay graph inputs (as constants).
+    * Initializers listed as graph inputs: gs turns them into constants and drops them from the
+      inputs.  From IR 4 on they are overridable inputs with a default value, so they are imported as
+      Variable graph inputs (passes must not fold or fuse them); under IR 3, where every initializer
+      must be listed, they stay constants, and the unused ones stay graph inputs.
     """
     if len(proto.node) == len(graph.nodes):
         for pn, gn in zip(proto.node, graph.nodes):
@@ -189,14 +191,37 @@ def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph) -> None:
                 elif a.type == onnx.AttributeProto.TYPE_PROTOS and a.name not in gn.attrs:
                     gn.attrs[a.name] = list(a.type_protos)
                 elif a.type == onnx.AttributeProto.GRAPH and isinstance(gn.attrs.get(a.name), gs.Graph):
-                    _import_what_gs_skips(a.g, gn.attrs[a.name])
+                    _import_what_gs_skips(a.g, gn.attrs[a.name], ir_version)
     inits = {t.name: t for t in proto.initializer}
-    listed = [vi.name for vi in proto.input if vi.name in inits]
-    if listed:
-        have = graph.tensors()
-        for name in listed:
-            if name not in have:
-                graph.inputs.append(gs.Constant(name, LazyValues(inits[name])))
+    listed = [vi for vi in proto.input if vi.name in inits]
+    if not listed:
+        return
+    have = graph.tensors()
+    if ir_version >= 4:
+        # An initializer that is also a graph input is an overridable default: the caller may feed it.
+        # It must stay an input that passes see as such (not folded, not fused into a neighbour), so it
+        # becomes a Variable graph input; export_graph writes its default value back.
+        replace: dict[int, gs.Variable] = {}
+        for vi in listed:
+            old = have.get(vi.name)
+            var = gs.Variable(vi.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(inits[vi.name].data_type),
+                              shape=list(inits[vi.name].dims))
+            if old is not None:
+                replace[id(old)] = var
+            graph.inputs.append(var)
+        if replace:
+            for g in _all_graphs(graph):
+                for node in g.nodes:
+                    for i, t in enumerate(node.inputs):
+                        if id(t) in replace:
+                            node.inputs[i] = replace[id(t)]
+                for i, t in enumerate(g.outputs):
+                    if id(t) in replace:
+                        g.outputs[i] = replace[id(t)]
+        return
+    for vi in listed:  # IR 3: every initializer is listed; keep the ones no node uses
+        if vi.name not in have:
+            graph.inputs.append(gs.Constant(vi.name, LazyValues(inits[vi.name])))
 
 
 # Value kinds onnx-graphsurgeon can write back; it crashes on the others (optional, map, opaque).
@@ -286,6 +311,13 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
     listed_in_template = [vi for vi in tg.input if vi.name in t_inits]
     if not listed_in_template and template.ir_version >= 4:
         return
+    if template.ir_version >= 4:
+        # overridable inputs were imported as Variables: write their default values back
+        wanted = {vi.name for vi in listed_in_template} & {vi.name for vi in g.input}
+        for t in tg.initializer:
+            if t.name in wanted and t.name not in inits:
+                g.initializer.append(t)
+                inits[t.name] = t
     current = {vi.name: vi for vi in g.input}
     new: list[onnx.ValueInfoProto] = []
     seen = set()

@@ -111,3 +111,32 @@ def test_unused_initializer_listed_as_input_is_kept_at_o0():
     onnx.checker.check_model(out, full_check=True)
     assert [i.name for i in out.graph.input] == ["x", "bias"]
     assert "bias" in {t.name for t in out.graph.initializer}
+
+
+OVERRIDABLE = """
+<ir_version: 8, opset_import: ["": 17]>
+g (float[2] x, float[2] w) => (float[2] y) <float[2] w = {1, 2}> {
+    two = Constant <value = float {2}> ()
+    w2 = Mul (w, two)
+    y = Add (x, w2)
+}
+"""
+
+
+def test_overridable_initializer_input_is_not_folded_and_stays_feedable():
+    m = onnx.parser.parse_model(OVERRIDABLE)
+    res = optimize(m, "O2", verify="off")
+    out = res.model
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x", "w"]
+    assert [t.name for t in out.graph.initializer if t.name == "w"] == ["w"]
+    assert "Mul" in [n.op_type for n in out.graph.node]  # w * 2 must not fold: w can be fed
+    x = np.array([1.0, 1.0], np.float32)
+    for feeds in ({"x": x}, {"x": x, "w": np.array([10.0, 20.0], np.float32)}):
+        np.testing.assert_array_equal(run(out, feeds)[0], run(m, feeds)[0])
+
+
+def test_ir3_initializers_still_fold():
+    m = _ir3_model()
+    out = optimize(m, "O2", verify="off").model
+    assert "Add" not in [n.op_type for n in out.graph.node]
