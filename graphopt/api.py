@@ -149,7 +149,7 @@ def optimize(
     t0 = time.perf_counter()
     graph = pm.run(graph, ctx)
     t_passes = time.perf_counter() - t0
-    graph.toposort()
+    ir.toposort(graph)
     optimized = ir.export_graph(graph, original)
     report.after = model_summary(graph, optimized.ByteSize())
     lossy = any(not p.exact for p in pm.passes)

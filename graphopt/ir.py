@@ -374,6 +374,36 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     return model
 
 
+def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:
+    used = []
+    for a in node.attrs.values():
+        if isinstance(a, gs.Graph):
+            for g in _all_graphs(a):
+                for n in g.nodes:
+                    used.extend(n.inputs)
+    return used
+
+
+def is_topologically_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the producers of what it (and its subgraphs) reads."""
+    mine = {id(n) for n in graph.nodes}
+    done: set[int] = set()
+    for node in graph.nodes:
+        for t in list(node.inputs) + _subgraph_uses(node):
+            for p in t.inputs:
+                if id(p) in mine and id(p) not in done:
+                    return False
+        done.add(id(node))
+    return True
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Order the nodes topologically, keeping a valid order as it is (gs's toposort reorders any
+    graph, so a no-pass round trip would shuffle the nodes of the user's model)."""
+    if not is_topologically_sorted(graph):
+        graph.toposort()
+
+
 def graph_opset(graph: gs.Graph) -> int:
     return int(graph.opset)
 

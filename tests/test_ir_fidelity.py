@@ -140,3 +140,24 @@ def test_ir3_initializers_still_fold():
     m = _ir3_model()
     out = optimize(m, "O2", verify="off").model
     assert "Add" not in [n.op_type for n in out.graph.node]
+
+
+def test_toposort_keeps_a_valid_order_and_fixes_an_invalid_one():
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[2] x) => (float[2] y) {
+        a = Relu (x)
+        b = Neg (a)
+        c = Abs (x)
+        y = Add (b, c)
+    }
+    """)
+    g = ir.import_model(m)
+    assert ir.is_topologically_sorted(g)
+    ir.toposort(g)
+    assert [n.op for n in g.nodes] == ["Relu", "Neg", "Abs", "Add"]  # gs's toposort: Relu, Abs, Neg, Add
+    assert [n.op_type for n in optimize(m, "O0", verify="off").model.graph.node] == ["Relu", "Neg", "Abs", "Add"]
+    g.nodes.reverse()
+    assert not ir.is_topologically_sorted(g)
+    ir.toposort(g)
+    assert ir.is_topologically_sorted(g)
