@@ -65,6 +65,7 @@ def test_fidelity_diff_sees_losses():
         (lambda c: c.graph.value_info.pop(), "value_info"),
         (lambda c: c.graph.input[0].type.tensor_type.shape.dim[0].ClearField("dim_param"), "graph inputs"),
         (lambda c: c.graph.node.pop(), "node count"),
+        (lambda c: setattr(c.graph.node[1], "doc_string", "edited"), "node"),
     ]:
         c = onnx.ModelProto()
         c.CopyFrom(m)

@@ -405,7 +405,36 @@ def fidelity_diff(original: onnx.ModelProto, optimized: onnx.ModelProto, *, body
         diffs.append(f"functions {f1} != {f0}")
     if body and count_nodes(g0) != count_nodes(g1):
         diffs.append(f"node count {count_nodes(g1)} != {count_nodes(g0)}")
+    elif body:
+        for a, b in zip(_walk_nodes(g0), _walk_nodes(g1)):
+            if _node_key(a) != _node_key(b):
+                diffs.append(f"node '{a.name or a.op_type}' changed (op, domain, name, doc_string, inputs, outputs or attributes)")
+                break
     return diffs
+
+
+def _walk_nodes(g: onnx.GraphProto):
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from _walk_nodes(sg)
+
+
+def _attr_bytes(a: onnx.AttributeProto) -> bytes:
+    if a.type == onnx.AttributeProto.TENSOR and a.t.HasField("name") and not a.t.name:
+        a = onnx.AttributeProto.FromString(a.SerializeToString())
+        a.t.ClearField("name")  # gs writes an explicit empty name: the same tensor
+    return a.SerializeToString(deterministic=True)
+
+
+def _node_key(n: onnx.NodeProto) -> tuple:
+    attrs = sorted((a.name, _attr_bytes(a)) for a in n.attribute
+                   if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+    return (n.op_type, n.domain, n.name, n.doc_string, tuple(n.input), tuple(n.output), tuple(attrs))
 
 
 # ------------------------------------------------------------------------------------------------
