@@ -41,7 +41,7 @@ def session_options(level: str = "disable", threads: int = 1):
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, name, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors come back as exceptions, reported in one line
     return so
 
 
