@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import ir
-from .data import Feeds, calibration_source, generate_feeds, load_feeds
+from .data import CannotGenerate, Feeds, calibration_source, generate_feeds, load_feeds
 from .errors import InputError, PipelineError, VerificationError
 from .manager import Instrument, PassCrashed, PassManager
 from .pass_base import Budget, PassContext, load_plugin
@@ -161,8 +161,7 @@ def optimize(
         trust.close(tracer)
         raise
     t_passes = time.perf_counter() - t0
-    if any(r.changed for r in report.passes):
-        graph.toposort()  # passes may append nodes anywhere; an untouched graph keeps its order
+    ir.toposort(graph)
     optimized = ir.export_graph(graph, original)
     report.after = model_summary(graph, optimized.ByteSize())
     lossy = any(not p.exact for p in pm.passes)
@@ -191,13 +190,16 @@ def optimize(
             raise failed(f"verification failed: {e}") from None
         if vfeeds is None and lossy and calib is not None:
             vfeeds = [f for _, f in zip(range(4), calib())]
-        if vfeeds is None:
-            vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
-        ref_outs = None
-        if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
-            vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
-        verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
-                                     reference_outputs=ref_outs)
+        try:
+            if vfeeds is None:
+                vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
+            ref_outs = None
+            if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
+                vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
+            verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
+                                         reference_outputs=ref_outs)
+        except CannotGenerate as e:  # e.g. a sequence of unknown-rank tensors: say so, don't refuse the model
+            verification = Verification("not-verified", str(e), exact=not lossy)
         report.verification = verification.to_dict()
         if verification.status == "failed":
             raise failed(f"verification failed: {verification.reason}")
