@@ -177,6 +177,7 @@ def _write_json(path: str, data: dict) -> None:
 @click.option("--load-plugin", "plugins", multiple=True)
 def passes(preset, plugins) -> None:
     """List the registered passes, or print a preset's pipeline."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .pass_base import registered_passes
@@ -196,7 +197,8 @@ def passes(preset, plugins) -> None:
 
     for name, cls in registered_passes().items():
         opts = ", ".join(f"{f.name.replace('_', '-')}={_fmt_default(f.default)}" for f in dataclasses.fields(cls.Options))
-        t.add_row(name, "exact" if cls.exact else "lossy", opts, cls.description or (cls.__doc__ or "").strip().split("\n")[0])
+        desc = cls.description or (cls.__doc__ or "").strip().split("\n")[0]
+        t.add_row(name, "exact" if cls.exact else "lossy", escape(opts), escape(desc))
     _console().print(t)
 
 

@@ -82,16 +82,19 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def pass_summary(self) -> dict[str, dict[str, Any]]:
-        """Per pass name: runs, changes, summed stats and the most frequent refusal reasons."""
+        """Per pass name: runs, changes, stats summed over runs, and the refusal reasons and notes of its
+        last run (in a fixpoint every iteration meets the same refusals again; the last run has them once)."""
         out: dict[str, dict[str, Any]] = {}
         for r in self.passes:
             base = r.name.split("{")[0]
-            d = out.setdefault(base, {"runs": 0, "changed": 0, "seconds": 0.0, "stats": Counter(), "skipped": Counter()})
+            d = out.setdefault(base, {"runs": 0, "changed": 0, "seconds": 0.0, "stats": Counter(), "skipped": Counter(), "notes": []})
             d["runs"] += 1
             d["changed"] += int(r.changed)
             d["seconds"] += r.seconds
             d["stats"].update(r.stats)
-            d["skipped"].update(_reason_key(s) for s in r.skipped)
+            d["skipped"] = Counter(_reason_key(s) for s in r.skipped)
+            if r.notes:
+                d["notes"] = list(r.notes)
         return out
 
 

@@ -37,6 +37,9 @@ def print_summary(report: Report, console: Console) -> None:
             runs = str(d["runs"]) + (f" ([yellow]{back} rolled back[/yellow])" if back else "")
             pt.add_row(name, runs, f"{d['seconds'] * 1000:.0f} ms", escape(stats), escape(refusal[:80]))
         console.print(pt)
+    for name, d in summary.items():
+        for n in d["notes"]:
+            console.print(f"{escape(name)}: {escape(n)}")
     for n in report.notes:
         console.print(f"note: {escape(n)}")
     for r in report.passes:
