@@ -78,28 +78,35 @@ def interleaved_latency(
     warmup: int = 2,
     min_sample_s: float = 0.005,
     max_calls: int = 1000,
+    time_budget_s: float | None = None,
+    max_rounds: int = 500,
     on_round: Callable[[int], None] | None = None,
 ) -> list[LatencyStats]:
     """Time ``runners`` (zero-argument callables, one inference each) in interleaved rounds.
 
-    Every runner is first called ``warmup`` times (at least once); the last warm-up call sets how many calls
-    make one sample (enough to last ``min_sample_s``, so that microsecond models are not timer noise).  Then
-    ``rounds`` times: runner 0's sample, runner 1's sample, ...  A sample is the mean time per call.
+    Every runner is first called ``warmup`` times (at least once); the fastest warm-up call sets how many
+    calls make one sample (enough to last ``min_sample_s``, so that microsecond models are not timer noise).
+    Then ``rounds`` times: runner 0's sample, runner 1's sample, ...  A sample is the mean time per call.
+    With ``time_budget_s``, ``rounds`` is a minimum: rounds go on until the budget is spent (at most
+    ``max_rounds``): on a shared machine many short samples give steadier medians than a few long ones.
     ``on_round(i)`` is called after each round (progress bars).
     """
     if rounds < 1:
         raise InputError("rounds must be at least 1")
     calls: list[int] = []
     for r in runners:
-        t = 0.0
+        t = math.inf
         for _ in range(max(1, warmup)):
             t0 = time.perf_counter()
             r()
-            t = time.perf_counter() - t0
-        calls.append(int(min(max_calls, max(1, math.ceil(min_sample_s / max(t, 1e-7))))))
+            t = min(t, time.perf_counter() - t0)
+        n = int(min(max_calls, max(1, math.ceil(min_sample_s / max(t, 1e-7)))))
+        calls.append(n)
     samples: list[list[float]] = [[] for _ in runners]
     clock = time.perf_counter
-    for i in range(rounds):
+    start = clock()
+    i = 0
+    while i < rounds or (time_budget_s is not None and i < max_rounds and clock() - start < time_budget_s):
         for j, r in enumerate(runners):
             n = calls[j]
             t0 = clock()
@@ -108,6 +115,7 @@ def interleaved_latency(
             samples[j].append((clock() - t0) / n)
         if on_round is not None:
             on_round(i)
+        i += 1
     return [LatencyStats.from_samples(s, c) for s, c in zip(samples, calls)]
 
 
