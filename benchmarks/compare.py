@@ -40,7 +40,19 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED = Path(os.environ.get("GRAPHOPT_SHARED", REPO.parent / "shared"))
+
+
+def _find_shared() -> Path:
+    """``$GRAPHOPT_SHARED``, else ``../shared`` next to the checkout (or next to its parent, for git worktrees)."""
+    if os.environ.get("GRAPHOPT_SHARED"):
+        return Path(os.environ["GRAPHOPT_SHARED"])
+    for cand in (REPO.parent / "shared", REPO.parent.parent / "shared"):
+        if (cand / "corpus").is_dir() or (cand / "digits").is_dir():
+            return cand
+    return REPO.parent / "shared"
+
+
+SHARED = _find_shared()
 
 QUICK_MAX_BYTES = 12 * 2**20  # --quick keeps models below this size
 CALIB_SAMPLES = 16  # generated calibration samples for the corpus models (digits use its x_calib)
@@ -68,6 +80,52 @@ def _calibration_feeds(calib_npz: str, model_path: str) -> list[dict[str, np.nda
     with np.load(calib_npz, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return list(feeds_batches(arrays, model))
+
+
+def attention_dims(model) -> tuple[int, int]:
+    """(num_heads, hidden_size) of a transformer export, or (0, 0) when unsure (optimize_model then guesses).
+
+    hidden: the width of the table that ``input_ids`` indexes; head_dim: the softmax scale, a scalar constant
+    multiplying (1/sqrt(d)) or dividing (sqrt(d)) a MatMul's output.
+    """
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    producer = {o: n for n in model.graph.node for o in n.output}
+    hidden = 0
+    ids = {"input_ids"}  # input_ids and what it becomes through reshapes and casts
+    for n in model.graph.node:  # nodes are in topological order
+        if n.op_type in ("Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity") and n.input and n.input[0] in ids:
+            ids.update(n.output)
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in ids and n.input[0] in consts:
+            dims = list(consts[n.input[0]].dims)
+            if len(dims) == 2:
+                hidden = int(dims[1])
+                break
+    head_dims = []
+    for n in model.graph.node:
+        if n.op_type not in ("Mul", "Div") or len(n.input) != 2:
+            continue
+        for x, c in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            p = producer.get(x)
+            if c in consts and p is not None and p.op_type == "MatMul":
+                v = numpy_helper.to_array(consts[c])
+                if v.size != 1 or v.dtype.kind != "f" or float(v.reshape(-1)[0]) <= 0:
+                    continue
+                v = float(v.reshape(-1)[0])
+                d = 1.0 / (v * v) if n.op_type == "Mul" else v * v
+                if abs(d - round(d)) < 1e-3 * d and round(d) > 1:
+                    head_dims.append(int(round(d)))
+    if hidden and head_dims:
+        d = max(set(head_dims), key=head_dims.count)
+        if hidden % d == 0:
+            return hidden // d, hidden
+    return 0, 0
 
 
 def _tool_fn(tool: str, src: str, dst: str, opts: dict[str, Any]) -> Callable[[], dict[str, Any]]:
@@ -134,12 +192,17 @@ def _tool_fn(tool: str, src: str, dst: str, opts: dict[str, Any]) -> Callable[[]
     if tool == "ort-transformers":
         import logging
 
+        import onnx
+
         from onnxruntime.transformers.optimizer import optimize_model
 
         logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
 
         def run():
-            m = optimize_model(src, model_type=opts["model_type"], num_heads=0, hidden_size=0)
+            # opt_level=0: the transformer fusions themselves.  The default (1) first runs onnxruntime's basic
+            # level through optimize_by_onnxruntime, which imports torch for a version check (not installed).
+            heads, hidden = attention_dims(onnx.load(src, load_external_data=False))
+            m = optimize_model(src, model_type=opts["model_type"], num_heads=heads, hidden_size=hidden, opt_level=0)
             m.save_model_to_file(dst)
             return {"fused": {k: v for k, v in (m.get_fused_operator_statistics() or {}).items() if v}}
         return run
@@ -629,9 +692,15 @@ def markdown(data: dict[str, Any]) -> str:
         for m, c, e in runerr:
             lines.append(f"- {m} / {c}: the output model does not run: {e}")
         lines.append("")
+    fused = [(r["model"], t["fused"]) for r in results for c, t in r["tools"].items() if c == "ort-transformers" and t.get("fused")]
+    if fused:
+        lines += ["## ort-transformers fusions", ""]
+        lines += [f"- {m}: " + ", ".join(f"{k} {v}" for k, v in f.items()) for m, f in fused]
+        lines.append("")
     na = sorted({(r["model"], c) for r in results for c, t in r["tools"].items() if "na" in t})
     if na:
-        lines.append("n/a: ort-transformers only runs on the transformer models (bert, gpt2).")
+        lines.append("n/a: ort-transformers (onnxruntime.transformers.optimizer.optimize_model, opt_level=0: its fusions "
+                     "without the onnxruntime pre-pass, which needs torch) only runs on the transformer models (bert, gpt2).")
         lines.append("")
     return "\n".join(lines)
 

@@ -80,6 +80,7 @@ def interleaved_latency(
     max_calls: int = 1000,
     time_budget_s: float | None = None,
     max_rounds: int = 500,
+    rewarm_below_s: float = 0.01,
     on_round: Callable[[int], None] | None = None,
 ) -> list[LatencyStats]:
     """Time ``runners`` (zero-argument callables, one inference each) in interleaved rounds.
@@ -89,11 +90,16 @@ def interleaved_latency(
     Then ``rounds`` times: runner 0's sample, runner 1's sample, ...  A sample is the mean time per call.
     With ``time_budget_s``, ``rounds`` is a minimum: rounds go on until the budget is spent (at most
     ``max_rounds``): on a shared machine many short samples give steadier medians than a few long ones.
+    Runners faster than ``rewarm_below_s`` per call get one untimed call before each sample: the other
+    runners of the round evict a small model's weights and activations from the CPU caches, and a timed
+    cold first call would measure the interleaving rather than the model (seen here: 4x on an 8x8-pixel
+    CNN).  Big models do not fit the caches anyway, so they are timed as they come.
     ``on_round(i)`` is called after each round (progress bars).
     """
     if rounds < 1:
         raise InputError("rounds must be at least 1")
     calls: list[int] = []
+    rewarm: list[bool] = []
     for r in runners:
         t = math.inf
         for _ in range(max(1, warmup)):
@@ -102,6 +108,7 @@ def interleaved_latency(
             t = min(t, time.perf_counter() - t0)
         n = int(min(max_calls, max(1, math.ceil(min_sample_s / max(t, 1e-7)))))
         calls.append(n)
+        rewarm.append(t < rewarm_below_s)
     samples: list[list[float]] = [[] for _ in runners]
     clock = time.perf_counter
     start = clock()
@@ -109,6 +116,8 @@ def interleaved_latency(
     while i < rounds or (time_budget_s is not None and i < max_rounds and clock() - start < time_budget_s):
         for j, r in enumerate(runners):
             n = calls[j]
+            if rewarm[j]:
+                r()
             t0 = clock()
             for _ in range(n):
                 r()

@@ -68,12 +68,21 @@ def test_bench_bad_input_shape_exit_2(tiny):
 def test_interleaved_order_and_stats():
     order = []
     runners = [lambda: order.append("A"), lambda: order.append("B"), lambda: order.append("C")]
-    stats = interleaved_latency(runners, rounds=4, warmup=1, min_sample_s=0.0)
+    stats = interleaved_latency(runners, rounds=4, warmup=1, min_sample_s=0.0, rewarm_below_s=0.0)
     assert [s.rounds for s in stats] == [4, 4, 4]
     assert order[:3] == ["A", "B", "C"]  # warm-up
     assert order[3:] == ["A", "B", "C"] * 4  # one call per sample, interleaved
+    order.clear()
+    interleaved_latency(runners, rounds=2, warmup=1, min_sample_s=0.0, rewarm_below_s=1.0)
+    assert order[3:] == ["A", "A", "B", "B", "C", "C"] * 2  # fast runners: an untimed call re-warms the caches
     with pytest.raises(InputError):
         interleaved_latency(runners, rounds=0)
+
+
+def test_time_budget_runs_more_rounds():
+    stats = interleaved_latency([lambda: None, lambda: None], rounds=2, warmup=1, time_budget_s=0.05, max_rounds=40)
+    assert stats[0].rounds == stats[1].rounds
+    assert 2 <= stats[0].rounds <= 40
 
 
 def test_latency_stats_percentiles():
