@@ -95,3 +95,84 @@ def test_latency_stats_percentiles():
 def test_bench_models_api_rejects_bad_level(tiny):
     with pytest.raises(InputError):
         bench_models([tiny], BenchConfig(level="fast"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks/compare.py: the worker, the graph reading and the markdown (the full run is slow-marked)
+# ---------------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARE = REPO / "benchmarks" / "compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("graphopt_bench_compare", COMPARE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_worker_floor_and_crash(compare, tiny, tmp_path):
+    ok = compare.run_tool("floor", Path(tiny), tmp_path / "floor.onnx", {}, timeout=120)
+    assert "error" not in ok, ok
+    assert ok["seconds"] >= 0 and ok["peak_rss"] > 0 and (tmp_path / "floor.onnx").is_file()
+    bad = compare.run_tool("graphopt", Path(tiny), tmp_path / "x.onnx", {"pipeline": "no-such-pass"}, timeout=120)
+    assert "no-such-pass" in bad["error"] and "\n" not in bad["error"]  # one line, the run goes on
+
+
+def test_attention_dims(compare):
+    import onnx
+    import onnx.parser
+
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1,8] input_ids) => (float[1,8,8] y) <float[32,16] emb = {0.0}, float scale = {0.25}> {
+            ids2 = Reshape(input_ids, shp)
+            x = Gather(emb, ids2)
+            xt = Transpose<perm=[0,2,1]>(x)
+            s = MatMul(x, xt)
+            y = Mul(s, scale)
+        }
+    """.replace("Reshape(input_ids, shp)", "Identity(input_ids)"))
+    assert compare.attention_dims(m) == (1, 16)  # hidden 16 from the table, head_dim 1/0.25^2 = 16
+
+
+def test_compare_markdown_tables(compare):
+    tools = {
+        "original": {"nodes": 10, "bytes": 2**20, "latency_disable": {"median_ms": 2.0, "p10_ms": 1.5, "ratio_median": 1.0, "ratio_p10": 1.0}},
+        "control": {"latency_disable": {"median_ms": 2.1, "p10_ms": 1.5, "ratio_median": 1.05, "ratio_p10": 1.0}},
+        "floor": {"seconds": 0.01, "peak_rss": 50 * 2**20},
+        "graphopt-O2": {"nodes": 8, "bytes": 2**20, "seconds": 0.5, "peak_rss": 90 * 2**20,
+                        "deviation": {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "shapes_equal": True},
+                        "latency_disable": {"median_ms": 1.8, "p10_ms": 1.4, "ratio_median": 0.9, "ratio_p10": 0.93}},
+        "onnxsim": {"error": "RuntimeError: boom"},
+    }
+    data = {"environment": {"date": "d", "python": "3", "versions": {"onnx": "1"}, "cpu": "c", "cores": 2, "loadavg_start": [1.0, 1.0, 1.0],
+                            "presets": {"O2": "O1"}, "passes": ["dce"]},
+            "config": {"quick": True, "rounds": 3, "latency_budget_s": 1, "min_sample_s": 0.002, "timeout_s": 10},
+            "elapsed_s": 60, "complete": True, "models": [{"model": "m", "kind": "image", "tools": tools}]}
+    data["noise"] = compare.noise_summary(data["models"])
+    md = compare.markdown(data)
+    assert "## Node count" in md and "| m | 10 |  | 8 | fail |" in md  # floor has no node count here
+    assert "## Latency ratio vs original, ORT_DISABLE_ALL, median" in md and "| 0.900 |" in md
+    assert "**noise**" in md and "1.050" in md
+    assert "m / onnxsim: RuntimeError: boom" in md
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_tiny(tmp_path, fixtures_dir):
+    out = tmp_path / "res"
+    p = subprocess.run([sys.executable, str(COMPARE), "--models", str(fixtures_dir / "tiny_cnn.onnx"), "--rounds", "2",
+                        "--latency-budget", "0.2", "--int8", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(out.with_suffix(".json").read_text())
+    tools = d["models"][0]["tools"]
+    assert {"floor", "graphopt-O1", "onnxsim", "onnxslim", "onnxoptimizer", "ort-basic", "ort-all", "control"} <= set(tools)
+    assert tools["control"]["latency_all"]["ratio_median"] > 0
+    assert "## Node count" in out.with_suffix(".md").read_text()
