@@ -238,10 +238,11 @@ def _tool_fn(tool: str, src: str, dst: str, opts: dict[str, Any]) -> Callable[[]
 
 def worker_main(argv: list[str]) -> int:
     """``compare.py --worker TOOL SRC DST OPTS_JSON``: prints one JSON line with seconds and peak RSS."""
-    import resource
     import warnings
 
     import psutil
+
+    from graphopt.bench import peak_rss_bytes
 
     warnings.filterwarnings("ignore")
     tool, src, dst, opts = argv[0], argv[1], argv[2], json.loads(argv[3])
@@ -258,7 +259,7 @@ def worker_main(argv: list[str]) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure is a result here
         out["error"] = _first_error_line(e)
         out["traceback"] = traceback.format_exc()[-2000:]
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss_bytes()
     print("\n" + json.dumps(out, default=str), flush=True)
     return 0 if "error" not in out else 1
 
@@ -585,10 +586,10 @@ METRICS: list[tuple[str, str, Callable[[dict], Any], str, set[str]]] = [
     ("Optimizer wall time (s)", "s", lambda t: t.get("seconds"), "load -> optimize -> save in the tool's own process, imports excluded; "
      "graphopt includes its verification; floor = onnx.load + onnx.save", {"original", "control"}),
     ("Optimizer peak RSS (MiB)", "mib", lambda t: t.get("peak_rss"), "whole subprocess, Python and imports included", {"original", "control"}),
-    ("Output deviation: max abs", "sci", lambda t: (t.get("deviation") or {}).get("max_abs"), "vs the original at ORT_DISABLE_ALL, worst output", {"control", "floor"}),
-    ("Output deviation: relative L2", "sci", lambda t: (t.get("deviation") or {}).get("rel_l2"), "", {"control", "floor"}),
-    ("Output deviation: cosine", "cos", lambda t: (t.get("deviation") or {}).get("cosine"), "", {"control", "floor"}),
-    ("Output shapes equal", "bool", lambda t: (t.get("deviation") or {}).get("shapes_equal"), "", {"control", "floor"}),
+    ("Output deviation: max abs", "sci", lambda t: (t.get("deviation") or {}).get("max_abs"), "vs the original at ORT_DISABLE_ALL, worst output", {"original", "control", "floor"}),
+    ("Output deviation: relative L2", "sci", lambda t: (t.get("deviation") or {}).get("rel_l2"), "", {"original", "control", "floor"}),
+    ("Output deviation: cosine", "cos", lambda t: (t.get("deviation") or {}).get("cosine"), "", {"original", "control", "floor"}),
+    ("Output shapes equal", "bool", lambda t: (t.get("deviation") or {}).get("shapes_equal"), "", {"original", "control", "floor"}),
     ("Top-1 accuracy (digits test set, 500 images)", "acc", lambda t: (t.get("deviation") or {}).get("accuracy"), "", {"control", "floor"}),
     ("Latency ratio vs original, ORT_DISABLE_ALL, median", "ratio", lambda t: (t.get("latency_disable") or {}).get("ratio_median"),
      "< 1 is faster; the control column is the original measured again (noise)", {"floor"}),
@@ -634,7 +635,7 @@ def markdown(data: dict[str, Any]) -> str:
                  f"{', '.join(f'{x:.1f}' for x in env['loadavg_start'])}); onnxruntime CPU, 1 thread")
     c = data["config"]
     rounds = sorted({r.get("latency_rounds", {}).get(lv) for r in results for lv in ("disable", "all")} - {None})
-    lines.append(f"- latency: interleaved rounds (original, control, tool 1, tool 2, ..., original, ...): at least {c['rounds']}, "
+    lines.append(f"- latency: interleaved rounds (every candidate once per round, in a fresh seeded order each round): at least {c['rounds']}, "
                  f"more until {c['latency_budget_s']:.0f} s per model and level are spent "
                  f"({'-'.join(str(x) for x in (rounds[:1] + rounds[-1:])) if rounds else '?'} rounds here); a sample is >= "
                  f"{c['min_sample_s'] * 1000:g} ms of calls; ratio = tool / original; tool timeout {c['timeout_s']:.0f} s")

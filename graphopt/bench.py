@@ -81,13 +81,19 @@ def interleaved_latency(
     time_budget_s: float | None = None,
     max_rounds: int = 500,
     rewarm_below_s: float = 0.01,
+    shuffle: bool = True,
+    seed: int = 0,
     on_round: Callable[[int], None] | None = None,
 ) -> list[LatencyStats]:
     """Time ``runners`` (zero-argument callables, one inference each) in interleaved rounds.
 
     Every runner is first called ``warmup`` times (at least once); the fastest warm-up call sets how many
     calls make one sample (enough to last ``min_sample_s``, so that microsecond models are not timer noise).
-    Then ``rounds`` times: runner 0's sample, runner 1's sample, ...  A sample is the mean time per call.
+    Then ``rounds`` times: one sample of every runner (A, B, C, then A, B, C again, ...).  A sample is the
+    mean time per call.  With ``shuffle`` (the default) each round visits the runners in a fresh seeded
+    order (A, B, C, then C, A, B, ...): on a loaded machine the scheduler's time slices can fall in step
+    with a fixed round, so that the same position is preempted round after round (seen here: one of two
+    identical models 4x slower at the median); a shuffled order spreads that over all runners alike.
     With ``time_budget_s``, ``rounds`` is a minimum: rounds go on until the budget is spent (at most
     ``max_rounds``): on a shared machine many short samples give steadier medians than a few long ones.
     Runners faster than ``rewarm_below_s`` per call get one untimed call before each sample: the other
@@ -112,9 +118,14 @@ def interleaved_latency(
     samples: list[list[float]] = [[] for _ in runners]
     clock = time.perf_counter
     start = clock()
+    rng = np.random.default_rng(seed)
+    order = list(range(len(runners)))
     i = 0
     while i < rounds or (time_budget_s is not None and i < max_rounds and clock() - start < time_budget_s):
-        for j, r in enumerate(runners):
+        if shuffle:
+            rng.shuffle(order)
+        for j in order:
+            r = runners[j]
             n = calls[j]
             if rewarm[j]:
                 r()
@@ -153,6 +164,26 @@ def ort_session(path: str | os.PathLike, level: str = "all", threads: int = 1):
     return make_session(str(path), level, threads)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes.
+
+    ``VmHWM`` from /proc/self/status, not ``getrusage().ru_maxrss``: Linux carries ``ru_maxrss`` across
+    ``exec``, so a child forked from a big parent would report the parent's peak (seen here: every tool
+    "peaking" at the benchmark driver's 850 MiB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def memory_probe(path: str | os.PathLike, feeds_npz: str | os.PathLike, *, level: str = "all", threads: int = 1,
                  timeout: float = 600.0) -> dict[str, Any]:
     """Peak memory and cold start of one model, measured in a fresh Python process.
@@ -175,8 +206,6 @@ def memory_probe(path: str | os.PathLike, feeds_npz: str | os.PathLike, *, level
 
 def _probe_main(argv: list[str]) -> int:
     """The subprocess side of :func:`memory_probe` (prints one JSON line)."""
-    import resource
-
     import psutil
 
     path, feeds_npz, level, threads = argv[0], argv[1], argv[2], int(argv[3])
@@ -192,7 +221,7 @@ def _probe_main(argv: list[str]) -> int:
     t1 = time.perf_counter()
     sess.run(None, feeds)
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     print(json.dumps({"baseline_rss": base, "peak_rss": peak, "model_peak": max(0, peak - base),
                       "session_s": t1 - t0, "first_run_s": t2 - t1}))
     return 0
@@ -359,7 +388,7 @@ def bench_models(
 
     # latency: interleaved rounds
     runners = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds_list)]
-    stats = interleaved_latency(runners, rounds=cfg.rounds, warmup=cfg.warmup, on_round=lambda i: tick("latency", 1))
+    stats = interleaved_latency(runners, rounds=cfg.rounds, warmup=cfg.warmup, seed=cfg.seed, on_round=lambda i: tick("latency", 1))
     for r, st in zip(results, stats):
         r.latency = st
 

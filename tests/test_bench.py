@@ -68,13 +68,18 @@ def test_bench_bad_input_shape_exit_2(tiny):
 def test_interleaved_order_and_stats():
     order = []
     runners = [lambda: order.append("A"), lambda: order.append("B"), lambda: order.append("C")]
-    stats = interleaved_latency(runners, rounds=4, warmup=1, min_sample_s=0.0, rewarm_below_s=0.0)
+    stats = interleaved_latency(runners, rounds=4, warmup=1, min_sample_s=0.0, rewarm_below_s=0.0, shuffle=False)
     assert [s.rounds for s in stats] == [4, 4, 4]
     assert order[:3] == ["A", "B", "C"]  # warm-up
     assert order[3:] == ["A", "B", "C"] * 4  # one call per sample, interleaved
     order.clear()
-    interleaved_latency(runners, rounds=2, warmup=1, min_sample_s=0.0, rewarm_below_s=1.0)
+    interleaved_latency(runners, rounds=2, warmup=1, min_sample_s=0.0, rewarm_below_s=1.0, shuffle=False)
     assert order[3:] == ["A", "A", "B", "B", "C", "C"] * 2  # fast runners: an untimed call re-warms the caches
+    order.clear()
+    interleaved_latency(runners, rounds=30, warmup=1, min_sample_s=0.0, rewarm_below_s=0.0)
+    rounds = [tuple(order[k:k + 3]) for k in range(3, len(order), 3)]
+    assert all(sorted(r) == ["A", "B", "C"] for r in rounds)  # every runner once per round
+    assert len(set(rounds)) > 1  # in a shuffled order
     with pytest.raises(InputError):
         interleaved_latency(runners, rounds=0)
 
