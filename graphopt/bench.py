@@ -343,6 +343,8 @@ def bench_models(
     cfg = config or BenchConfig()
     if cfg.level not in LEVELS:
         raise InputError(f"--ort-level {cfg.level!r}: expected one of {', '.join(LEVELS)}")
+    if cfg.rounds < 1:
+        raise InputError("--rounds must be at least 1")
     if cfg.threads < 1:
         raise InputError("--threads must be at least 1")
     if cfg.batch is not None and cfg.batch < 1:
@@ -467,7 +469,7 @@ def results_table(results: Sequence[ModelBench], cfg: BenchConfig):
     t = Table(title=f"onnxruntime CPU, level={cfg.level}, threads={cfg.threads}, {cfg.rounds} interleaved rounds; ratios vs {names[0]}",
               header_style="bold", title_justify="left")
     for col in ("model", "nodes", "MiB", "median ms", "p10 ms", "p90 ms", "latency", "throughput /s", "tput",
-                "session ms", "session", "peak MiB", "memory"):
+                "session ms", "session", "cold ms", "peak MiB", "memory"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for name, r in zip(names, results):
         lat = r.latency
@@ -477,6 +479,7 @@ def results_table(results: Sequence[ModelBench], cfg: BenchConfig):
             _fmt_ratio(r.ratios.get("latency")),
             "-" if tp is None else f"{tp:.1f} @{r.throughput.get('batch')}", _fmt_ratio(r.ratios.get("throughput")),
             _fmt_ms(None if r.session_s is None else r.session_s * 1000), _fmt_ratio(r.ratios.get("session")),
+            _fmt_ms((r.probe["session_s"] + r.probe["first_run_s"]) * 1000) if "session_s" in r.probe else "-",
             _mib(r.probe.get("model_peak")) if "error" not in r.probe else "err", _fmt_ratio(r.ratios.get("memory")),
         )
     return t
@@ -505,7 +508,9 @@ def register_cli(main) -> None:
     def bench(models, ort_level, threads, rounds, warmup, batch, inputs, input_shape, no_memory, seed, as_json, no_progress, debug) -> None:
         """Latency (median/p10/p90), throughput, cold start and peak memory of MODELS under onnxruntime CPU.
 
-        Rounds are interleaved (A, B, C, A, B, C, ...); ratios are against the first model.
+        Rounds are interleaved (every model once per round, in a fresh seeded order each round); ratios are
+        against the first model.  "session" is the median time to build a session in this process; "cold" is
+        session + first run in a fresh process, where "peak" (peak RSS above the process's baseline) is measured.
         """
         from rich.console import Console
 
