@@ -460,12 +460,16 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def display_names(results: Sequence[ModelBench]) -> list[str]:
+    """File names, numbered where the same name appears twice (a model benched against itself)."""
+    names = [Path(r.path).name for r in results]
+    return [f"{n} #{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
 def results_table(results: Sequence[ModelBench], cfg: BenchConfig):
     from rich.table import Table
 
-    names = [Path(r.path).name for r in results]
-    if len(set(names)) < len(names):
-        names = [r.path for r in results]
+    names = display_names(results)
     t = Table(title=f"onnxruntime CPU, level={cfg.level}, threads={cfg.threads}, {cfg.rounds} interleaved rounds; ratios vs {names[0]}",
               header_style="bold", title_justify="left")
     for col in ("model", "nodes", "MiB", "median ms", "p10 ms", "p90 ms", "latency", "throughput /s", "tput",
@@ -544,11 +548,14 @@ def register_cli(main) -> None:
             return
         out = Console(highlight=False, soft_wrap=False, width=max(160, Console().width))
         out.print(results_table(res, cfg))
-        for r in res:
+        notes: dict[str, list[str]] = {}
+        for name, r in zip(display_names(res), res):
             if "error" in r.probe:
-                out.print(f"note: {Path(r.path).name}: memory probe failed: {r.probe['error']}")
+                notes.setdefault(f"memory probe failed: {r.probe['error']}", []).append(name)
             if r.throughput.get("note"):
-                out.print(f"note: {Path(r.path).name}: {r.throughput['note']}")
+                notes.setdefault(r.throughput["note"], []).append(name)
+        for text, who in notes.items():
+            out.print(f"note: {', '.join(who) if len(who) < len(res) else 'all models'}: {text}")
 
 
 if __name__ == "__main__":  # pragma: no cover - the memory probe's entry point
