@@ -91,15 +91,19 @@ def interleaved_latency(
     calls make one sample (enough to last ``min_sample_s``, so that microsecond models are not timer noise).
     Then ``rounds`` times: one sample of every runner (A, B, C, then A, B, C again, ...).  A sample is the
     mean time per call.  With ``shuffle`` (the default) each round visits the runners in a fresh seeded
-    order (A, B, C, then C, A, B, ...): on a loaded machine the scheduler's time slices can fall in step
-    with a fixed round, so that the same position is preempted round after round (seen here: one of two
-    identical models 4x slower at the median); a shuffled order spreads that over all runners alike.
+    order (A, B, C, then C, A, B, ...), so that anything periodic on the machine cannot keep hitting the
+    same position of the round.
+
+    On an oversubscribed machine a call is either undisturbed or preempted (per-call times here, load 10 on
+    2 cores: p25 0.8 ms, p50 1.2 ms, p75 5-7 ms for one sub-millisecond model), so when about half the
+    calls are preempted the median jumps between the two modes; the p10 stays with the undisturbed calls
+    and is the steadier figure there.
     With ``time_budget_s``, ``rounds`` is a minimum: rounds go on until the budget is spent (at most
     ``max_rounds``): on a shared machine many short samples give steadier medians than a few long ones.
     Runners faster than ``rewarm_below_s`` per call get one untimed call before each sample: the other
-    runners of the round evict a small model's weights and activations from the CPU caches, and a timed
-    cold first call would measure the interleaving rather than the model (seen here: 4x on an 8x8-pixel
-    CNN).  Big models do not fit the caches anyway, so they are timed as they come.
+    runners of the round evict a small model's weights and activations from the CPU caches, so a timed
+    first call would partly measure the interleaving.  Big models do not fit the caches anyway, so they are
+    timed as they come.
     ``on_round(i)`` is called after each round (progress bars).
     """
     if rounds < 1:
