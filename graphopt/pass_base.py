@@ -152,16 +152,16 @@ class PassContext:
 
     def run_graph(self, graph: gs.Graph, feeds: dict[str, "np.ndarray"], outputs: list[str] | None = None):
         """Run ``graph`` with onnxruntime (optimizations off) and return {name: array}."""
-        from . import verify
+        from .verify import run_model  # not `from . import verify`: the package exports a verify() function
 
         model = self.to_model(graph)
-        return verify.run_model(model, feeds, outputs=outputs)
+        return run_model(model, feeds, outputs=outputs)
 
     def session(self, model, *, extra_outputs: list[str] | None = None):
         """A reusable runner for ``model`` (ModelProto); see :class:`graphopt.verify.Runner`."""
-        from . import verify
+        from .verify import Runner
 
-        return verify.Runner(model, extra_outputs=extra_outputs)
+        return Runner(model, extra_outputs=extra_outputs)
 
 
 # --------------------------------------------------------------------------------------------------
