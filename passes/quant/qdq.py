@@ -357,12 +357,12 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
     axis = weight_axis(n)
     q, ws = quantize_weight(w, axis if qp.per_channel else None)
     wname = n.inputs[1].name
-    w_zp = np.zeros(ws.shape, np.int8)
     w_dq = _var(graph, wname, "dequantized", np.float32)
     dq_attrs = {"axis": axis} if ws.ndim else {}
     graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, wname, "DequantizeLinear"),
-                               attrs=dq_attrs, inputs=[_const(graph, wname, "quantized", q), _const(graph, wname, "scale", ws),
-                                                       _const(graph, wname, "zero_point", w_zp)], outputs=[w_dq]))
+                               attrs=dq_attrs, inputs=[_const(graph, wname, "quantized", q), _const(graph, wname, "scale", ws)]
+                               + ([] if n.op == "Conv" else [_const(graph, wname, "zero_point", np.zeros(ws.shape, np.int8))]),
+                               outputs=[w_dq]))  # Conv: zero point omitted (0; smaller file); QGemm fusion wants it
     n.inputs[1] = w_dq
     if n.op == "MatMul":
         return
@@ -381,8 +381,7 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
     bname = n.inputs[2].name if len(n.inputs) > 2 and not n.inputs[2].is_empty() else n.name + "_bias"
     b_dq = _var(graph, bname, "dequantized", np.float32)
     graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, bname, "DequantizeLinear"), attrs={"axis": 0},
-                               inputs=[_const(graph, bname, "quantized", bq), _const(graph, bname, "scale", bs),
-                                       _const(graph, bname, "zero_point", np.zeros(nout, np.int32))], outputs=[b_dq]))
+                               inputs=[_const(graph, bname, "quantized", bq), _const(graph, bname, "scale", bs)], outputs=[b_dq]))
     if len(n.inputs) > 2:
         n.inputs[2] = b_dq
     else:
