@@ -97,8 +97,13 @@ class QuantizeInt8(Pass):
         float_model = ctx.to_model(graph)
         qp = self._calibrate(graph, ctx, plan, float_model)
 
-        # latency -----------------------------------------------------------------------------
+        # auto: static or dynamic for a model of only MatMul / Gemm (no Conv), by measurement ----
         reasons: dict[str, str] = {}
+        if o.mode == "auto" and o.latency_check and plan.static and not any(by_name[n].op == "Conv" for n in plan.static):
+            plan, note = self._static_or_dynamic(graph, ctx, plan, qp, by_name)
+            notes.append(note)
+
+        # latency -----------------------------------------------------------------------------
         if o.latency_check:
             plan, lat_notes = self._latency_filter(graph, ctx, plan, qp, reasons)
             notes.extend(lat_notes)
@@ -283,6 +288,31 @@ class QuantizeInt8(Pass):
                         nodes.add(c.name)
             regions.append((nodes, sorted(g)))
         return regions
+
+    def _static_or_dynamic(self, graph, ctx, plan: Plan, qp: QuantParams, by_name) -> tuple[Plan, str]:
+        """Time the whole model with its MatMul/Gemm static (QDQ) and dynamic; keep the faster."""
+        from graphopt import latency
+        from graphopt.data import generate_feeds
+
+        movable = {n for n in plan.static if by_name[n].op in ("Gemm", "MatMul")}
+        alt = Plan(plan.static - movable, plan.dynamic | movable, set(plan.embed))
+        feeds = next(iter(ctx.calibration_batches()), None)
+        if feeds is None:
+            return plan, "mode: static (no feeds to time the dynamic alternative)"
+        models = []
+        for p in (plan, alt):
+            g = graph.copy()
+            apply_plan(g, p, qp)
+            models.append(ctx.to_model(g))
+        try:
+            t_s, t_d = latency.compare(models, feeds, budget_seconds=1.0)
+        except Exception as e:  # keep the static plan if the dynamic one cannot run
+            return plan, f"mode: static (dynamic alternative failed to run: {str(e).strip()[:100]})"
+        if t_d < t_s:
+            for n in movable:
+                by_name[n].kind = "dynamic"
+            return alt, f"mode: dynamic for {len(movable)} MatMul/Gemm (whole model timed: dynamic {t_d / t_s:.2f}x the static QDQ time)"
+        return plan, f"mode: static QDQ for {len(movable)} MatMul/Gemm (whole model timed: static {t_s / t_d:.2f}x the dynamic time)"
 
     def _latency_filter(self, graph, ctx, plan: Plan, qp: QuantParams, reasons) -> tuple[Plan, list[str]]:
         from graphopt import latency
