@@ -211,11 +211,20 @@ def test_latency_check_reports_every_region():
     assert res.stats.get("quantized", 0) + res.stats.get("kept_float", 0) == 3
 
 
-def test_options_round_trip_in_pipeline():
+def test_options_parse_and_round_trip():
     p = graphopt.parse_pipeline("quantize-int8{mode=dynamic,calibration=percentile,exclude=a;b}")
-    inst = p.elements[0].instantiate() if hasattr(p, "elements") else None
-    if inst is not None:
-        assert inst.options.mode == "dynamic" and inst.options.exclude == ("a", "b")
+    inst = p.elements[0].instantiate()
+    assert inst.options.mode == "dynamic" and inst.options.calibration == "percentile"
+    assert inst.options.exclude == ("a", "b")
+    assert graphopt.parse_pipeline(str(p)).elements[0].instantiate().options == inst.options
+    with pytest.raises(graphopt.PipelineError):
+        graphopt.parse_pipeline("quantize-int8{mode=fast}").elements[0].instantiate()
+
+
+def test_exclude_keeps_a_node_float():
+    model = conv_model()
+    _, _, res, _ = run_pass(model, feeds_for(model, 4, 1), latency_check=False, exclude=("Gemm_7",))
+    assert res.stats["static"] == 2 and any(s.startswith("Gemm_7: Gemm excluded") for s in res.skipped)
 
 
 def test_digits_accuracy_and_size(shared_dir, tmp_path):
@@ -235,3 +244,56 @@ def test_digits_accuracy_and_size(shared_dir, tmp_path):
         assert os.path.getsize(out) <= 0.30 * os.path.getsize(src)
         ops = ort_ops(onnx.load(str(out)))
         assert ops["QGemm"] >= 2 and ops["DequantizeLinear"] == 0
+
+
+def test_calibration_streams_and_matches_full_statistics():
+    from graphopt.calibrate import collect_stats
+
+    model = conv_model()
+    graph = ir.import_model(model)
+    calib = feeds_for(model, 6, 2)
+    seen = []
+
+    def stream():  # a generator: proves nothing needs the whole set at once
+        for f in calib:
+            seen.append(1)
+            yield f
+
+    ctx = PassContext(opset=17, calibration=stream)
+    ctx.model_template = model
+    names = ["c1", "r1", "a"]
+    st = collect_stats(ctx, model, names, channel_axes={"r1": 1})
+    assert len(seen) == 6 and st["r1"].count == 6
+    full = [Runner(model, extra_outputs=names).run(f, names) for f in calib]
+    for n in names:
+        allv = np.concatenate([o[n].ravel() for o in full])
+        assert st[n].min == pytest.approx(float(allv.min())) and st[n].max == pytest.approx(float(allv.max()))
+    mean = np.mean([o["r1"].mean(axis=(0, 2, 3)) for o in full], axis=0)
+    np.testing.assert_allclose(st["r1"].channel_mean, mean, rtol=1e-5, atol=1e-6)
+    pst = collect_stats(ctx, model, ["c1"], method="percentile", bins=512)
+    lo, hi = pst["c1"].range("percentile", 99.0)
+    assert st["c1"].min <= lo <= 0 <= hi <= st["c1"].max and (hi - lo) < (st["c1"].max - st["c1"].min)
+
+
+def test_latency_compare_returns_medians():
+    from graphopt import latency
+
+    model = conv_model()
+    t = latency.compare([model, model], feeds_for(model, 1, 0)[0], budget_seconds=0.2, min_rounds=3)
+    assert len(t) == 2 and all(x > 0 for x in t)
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize("path", __import__("conftest").corpus_params())
+def test_runs_on_every_shared_model(path):
+    """Every corpus / digits model quantizes and passes the default budget (latency check off: speed)."""
+    model = onnx.load(str(path))
+    from graphopt.data import generate_feeds
+
+    calib = generate_feeds(model, seed=1, count=4)
+    res = graphopt.optimize(model, "O2,quantize-int8{latency-check=false}", calibration=calib)
+    assert res.verification.ok, res.verification.reason
+    q = [p for p in res.report.passes if p.name.startswith("quantize-int8")][0]
+    assert q.stats.get("quantized", 0) > 0
+    onnx.checker.check_model(res.model, full_check=True)
