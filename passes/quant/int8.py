@@ -82,6 +82,7 @@ class QuantizeInt8(Pass):
             changed = True
             stats["bn_folded"] = folded
         self._name_nodes(graph)
+        annotated = {name for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and (t.shape is not None or t.dtype is not None)}
         infer_shapes(graph, ctx)
 
         cands, why = self._candidates(graph, ctx)
@@ -125,6 +126,11 @@ class QuantizeInt8(Pass):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
         counts = apply_plan(graph, plan, qp)
+        # the shapes inferred for planning are not written out (value_info would cost ~1% of the file)
+        io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+        for name, t in graph.tensors().items():
+            if isinstance(t, gs.Variable) and id(t) not in io and name not in annotated:
+                t.shape, t.dtype = None, None
         for n in sorted(plan.static):
             notes.append(f"{n}: {by_name[n].op} static int8 (QDQ, per-channel weights)")
         for n in sorted(plan.dynamic):

@@ -311,12 +311,13 @@ def apply_plan(graph: gs.Graph, plan: Plan, qp: QuantParams) -> dict[str, int]:
         if not readers:
             continue
         s_c = _const(graph, tname, "scale", scale)
-        z_c = _const(graph, tname, "zero_point", zp)
-        q_out = _var(graph, tname, "quantized", zp.dtype)
-        graph.nodes.append(gs.Node("QuantizeLinear", rewrite.derived_name(graph, tname, "QuantizeLinear"), inputs=[t, s_c, z_c], outputs=[q_out]))
-        for c, slot in readers:  # one DQ per reader: each node unit owns its DQ
-            dq_out = _var(graph, tname, "dequantized", np.float32)
-            graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, tname, "DequantizeLinear"), inputs=[q_out, s_c, z_c], outputs=[dq_out]))
+        z_c = _const(graph, tname, "zp", zp)
+        q_out = _var(graph, tname, "q", zp.dtype)
+        graph.nodes.append(gs.Node("QuantizeLinear", rewrite.derived_name(graph, tname, "Q"), inputs=[t, s_c, z_c], outputs=[q_out]))
+        # one DQ shared by the readers (onnxruntime gives each node unit its own copy when it loads)
+        dq_out = _var(graph, tname, "dq", np.float32)
+        graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, tname, "DQ"), inputs=[q_out, s_c, z_c], outputs=[dq_out]))
+        for c, slot in readers:
             c.inputs[slot] = dq_out
         stats["qdq_pairs"] += 1
 
@@ -357,11 +358,11 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
     axis = weight_axis(n)
     q, ws = quantize_weight(w, axis if qp.per_channel else None)
     wname = n.inputs[1].name
-    w_dq = _var(graph, wname, "dequantized", np.float32)
+    w_dq = _var(graph, wname, "dq", np.float32)
     dq_attrs = {"axis": axis} if ws.ndim else {}
-    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, wname, "DequantizeLinear"),
-                               attrs=dq_attrs, inputs=[_const(graph, wname, "quantized", q), _const(graph, wname, "scale", ws)]
-                               + ([] if n.op == "Conv" else [_const(graph, wname, "zero_point", np.zeros(ws.shape, np.int8))]),
+    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, wname, "DQ"),
+                               attrs=dq_attrs, inputs=[_const(graph, wname, "q", q), _const(graph, wname, "scale", ws)]
+                               + ([] if n.op == "Conv" else [_const(graph, wname, "zp", np.zeros(ws.shape, np.int8))]),
                                outputs=[w_dq]))  # Conv: zero point omitted (0; smaller file); QGemm fusion wants it
     n.inputs[1] = w_dq
     if n.op == "MatMul":
@@ -379,9 +380,9 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
     bs = (np.float32(xs) * (ws if ws.ndim else np.full(nout, ws, np.float32))).astype(np.float32)
     bq = np.clip(np.rint(b / bs), -(2**31) + 1, 2**31 - 1).astype(np.int32)
     bname = n.inputs[2].name if len(n.inputs) > 2 and not n.inputs[2].is_empty() else n.name + "_bias"
-    b_dq = _var(graph, bname, "dequantized", np.float32)
-    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, bname, "DequantizeLinear"), attrs={"axis": 0},
-                               inputs=[_const(graph, bname, "quantized", bq), _const(graph, bname, "scale", bs)], outputs=[b_dq]))
+    b_dq = _var(graph, bname, "dq", np.float32)
+    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, bname, "DQ"), attrs={"axis": 0},
+                               inputs=[_const(graph, bname, "q", bq), _const(graph, bname, "scale", bs)], outputs=[b_dq]))
     if len(n.inputs) > 2:
         n.inputs[2] = b_dq
     else:
@@ -396,17 +397,17 @@ def _quantize_dynamic_node(graph, n: gs.Node, qp: QuantParams, cache, stats) -> 
     q, ws = quantize_weight(wkn, 1 if qp.per_channel else None)
     dw = wkn - dequantize_weight(q, ws, 1 if qp.per_channel else None)
     if a.name not in cache:
-        aq = _var(graph, a.name, "quantized", np.uint8)
+        aq = _var(graph, a.name, "q", np.uint8)
         asc = _var(graph, a.name, "scale", np.float32)
-        azp = _var(graph, a.name, "zero_point", np.uint8)
-        graph.nodes.append(gs.Node("DynamicQuantizeLinear", rewrite.derived_name(graph, a.name, "DynamicQuantizeLinear"), inputs=[a], outputs=[aq, asc, azp]))
+        azp = _var(graph, a.name, "zp", np.uint8)
+        graph.nodes.append(gs.Node("DynamicQuantizeLinear", rewrite.derived_name(graph, a.name, "DQL"), inputs=[a], outputs=[aq, asc, azp]))
         cache[a.name] = (aq, asc, azp)
     aq, asc, azp = cache[a.name]
     base = n.name or n.outputs[0].name
     wname = n.inputs[1].name
     mm = _var(graph, base, "int32", np.int32)
-    graph.nodes.append(gs.Node("MatMulInteger", rewrite.derived_name(graph, base, "MatMulInteger"),
-                               inputs=[aq, _const(graph, wname, "quantized", q), azp], outputs=[mm]))
+    graph.nodes.append(gs.Node("MatMulInteger", rewrite.derived_name(graph, base, "MMI"),
+                               inputs=[aq, _const(graph, wname, "q", q), azp], outputs=[mm]))
     mmf = _var(graph, base, "float", np.float32)
     graph.nodes.append(gs.Node("Cast", rewrite.derived_name(graph, base, "Cast"), attrs={"to": 1}, inputs=[mm], outputs=[mmf]))
     sc = _var(graph, base, "out_scale", np.float32)
@@ -441,7 +442,7 @@ def _quantize_embedding(graph, n: gs.Node) -> None:
     name = n.inputs[0].name
     out = n.outputs[0]
     g = _var(graph, out.name, "int8", np.int8)
-    n.inputs[0] = _const(graph, name, "quantized", q)
+    n.inputs[0] = _const(graph, name, "q", q)
     n.outputs[0] = g
-    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, name, "DequantizeLinear"),
-                               inputs=[g, _const(graph, name, "scale", s), _const(graph, name, "zero_point", np.array(0, np.int8))], outputs=[out]))
+    graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, name, "DQ"),
+                               inputs=[g, _const(graph, name, "scale", s), _const(graph, name, "zp", np.array(0, np.int8))], outputs=[out]))
