@@ -122,7 +122,15 @@ class QuantizeInt8(Pass):
         if not len(plan):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
-        if not ctx.allow_rewrite(f"quantize {len(plan)} nodes to int8"):
+        allowed = []  # one rewrite per quantized node, so opt-bisect can find a bad one
+        for u in plan.units():
+            if not ctx.allow_rewrite(f"quantize {u} to int8"):
+                skipped.append(f"{u}: {by_name[u].op} kept in float: rewrite limit reached")
+                break
+            allowed.append(u)
+        plan = plan.only(allowed)
+        stats["kept_float"] = len(cands) - len(plan)
+        if not len(plan):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
         counts = apply_plan(graph, plan, qp)

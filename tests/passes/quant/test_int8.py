@@ -297,3 +297,13 @@ def test_runs_on_every_shared_model(path):
     q = [p for p in res.report.passes if p.name.startswith("quantize-int8")][0]
     assert q.stats.get("quantized", 0) > 0
     onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_rewrite_limit_quantizes_a_prefix():
+    model = conv_model()
+    graph = ir.import_model(model)
+    ctx = PassContext(opset=17, calibration=lambda: feeds_for(model, 4, 1), rewrite_limit=2)  # 1 BN fold + 1 node
+    ctx.model_template = model
+    res = get_pass("quantize-int8")(latency_check=False).run(graph, ctx)
+    assert res.stats["bn_folded"] == 1 and res.stats["quantized"] == 1
+    assert any("rewrite limit" in s for s in res.skipped)
