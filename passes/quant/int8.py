@@ -62,6 +62,7 @@ class QuantizeInt8(Pass):
         bias_correction: bool = True
         latency_check: bool = True
         latency_margin: float = 0.97  # a region must run in <= this fraction of its float time
+        latency_floor_us: float = 50.0  # ...unless int8 costs at most this many microseconds more per run
         max_calibration_batches: int = 0  # 0: all
         min_weight_elements: int = 0  # smaller weights stay float (the latency check decides otherwise)
 
@@ -335,8 +336,15 @@ class QuantizeInt8(Pass):
         notes: list[str] = []
         kept = plan.copy()
         regions = self._regions(graph, plan)
+        symbols: dict[str, int] = {}  # symbolic dims (a dynamic batch) take their size from real data
+        first = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
+        for t in graph.inputs:
+            if first is not None and t.name in first and t.shape is not None:
+                for d, v in zip(t.shape, np.shape(first[t.name])):
+                    if isinstance(d, str):
+                        symbols[d] = int(v)
         for nodes, units in regions:
-            sub = _extract(graph, nodes)
+            sub = _extract(graph, nodes, symbols)
             if sub is None:
                 notes.append(f"latency: region {units[0]}.. ({len(units)} nodes) not measured (unknown input shapes); kept int8")
                 continue
@@ -353,13 +361,17 @@ class QuantizeInt8(Pass):
                 continue
             ratio = t_q / t_f if t_f > 0 else 1.0
             label = f"{units[0]}" + (f" +{len(units) - 1}" if len(units) > 1 else "")
-            if ratio > o.latency_margin:
+            extra_us = (t_q - t_f) * 1e6
+            if ratio > o.latency_margin and extra_us <= o.latency_floor_us:
+                notes.append(f"latency: region [{label}] int8/float = {ratio:.2f} ({t_f * 1e6:.0f} -> {t_q * 1e6:.0f} us/run, "
+                             f"under the {o.latency_floor_us:g} us floor) -> int8 (size wins where time is negligible)")
+            elif ratio > o.latency_margin:
                 kept = kept.without(units)
                 for u in units:
                     reasons[u] = f"int8 region [{label}] measured {ratio:.2f}x its float time (needs <= {o.latency_margin}), so float is faster"
-                notes.append(f"latency: region [{label}] int8/float = {ratio:.2f} -> float")
+                notes.append(f"latency: region [{label}] int8/float = {ratio:.2f} ({t_f * 1e6:.0f} -> {t_q * 1e6:.0f} us/run) -> float")
             else:
-                notes.append(f"latency: region [{label}] int8/float = {ratio:.2f} -> int8")
+                notes.append(f"latency: region [{label}] int8/float = {ratio:.2f} ({t_f * 1e6:.0f} -> {t_q * 1e6:.0f} us/run) -> int8")
         return kept, notes
 
     # ------------------------------------------------------------------------------------------
@@ -478,7 +490,7 @@ class _BudgetCheck:
         return worst
 
 
-def _extract(graph: gs.Graph, names: set[str]):
+def _extract(graph: gs.Graph, names: set[str], symbols: dict[str, int] | None = None):
     """A standalone float copy of the nodes ``names`` (+ random feeds), or None if shapes are unknown.
 
     Tensors leaving the region go through an Identity so that, as in the full model, they are not
@@ -502,8 +514,12 @@ def _extract(graph: gs.Graph, names: set[str]):
                 outputs.append(t)
     rng = np.random.default_rng(0)
     feeds = {}
+    symbols = symbols or {}
     for t in inputs:
-        if t.shape is None or any(not isinstance(d, int) for d in t.shape) or t.dtype is None:
+        if t.shape is None or t.dtype is None:
+            return None
+        t.shape = [symbols.get(d, d) if isinstance(d, str) else d for d in t.shape]
+        if any(not isinstance(d, int) for d in t.shape):
             return None
         dt = np.dtype(t.dtype)
         if dt.kind != "f":
