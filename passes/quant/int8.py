@@ -115,6 +115,10 @@ class QuantizeInt8(Pass):
         plan, acc_notes = self._budget_filter(graph, ctx, plan, qp, check, reasons)
         notes.extend(acc_notes)
 
+        # the whole model, as a last guard: regions that pay alone must also pay together ----------
+        if o.latency_check and len(plan.static | plan.dynamic):
+            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes)
+
         for c in cands:
             if c.name in (plan.static | plan.dynamic | plan.embed):
                 continue
@@ -303,6 +307,30 @@ class QuantizeInt8(Pass):
                         nodes.add(c.name)
             regions.append((nodes, sorted(g)))
         return regions
+
+    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes) -> Plan:
+        from graphopt import latency
+
+        feeds = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
+        if feeds is None:
+            return plan
+        g = graph.copy()
+        apply_plan(g, plan, qp)
+        try:
+            t_f, t_q = latency.compare([float_model, ctx.to_model(g)], feeds, budget_seconds=2.0)
+        except Exception as e:
+            notes.append(f"latency: whole model not measured ({str(e).strip()[:100]})")
+            return plan
+        ratio = t_q / t_f if t_f > 0 else 1.0
+        if ratio > 1.0 and (t_q - t_f) * 1e6 > self.options.latency_floor_us:
+            notes.append(f"latency: whole model int8/float = {ratio:.2f} ({t_f * 1e3:.2f} -> {t_q * 1e3:.2f} ms/run): slower, "
+                         f"so the compute nodes stay float (int8 tables of Gather kept)")
+            for u in plan.static | plan.dynamic:
+                reasons[u] = f"the whole int8 model measured {ratio:.2f}x the float time"
+            return Plan(set(), set(), set(plan.embed))
+        notes.append(f"latency: whole model int8/float = {ratio:.2f} ({t_f * 1e3:.2f} -> {t_q * 1e3:.2f} ms/run, "
+                     f"ORT_ENABLE_ALL, 1 thread, interleaved medians)")
+        return plan
 
     def _static_or_dynamic(self, graph, ctx, plan: Plan, qp: QuantParams, by_name) -> tuple[Plan, str]:
         """Time the whole model with its MatMul/Gemm static (QDQ) and dynamic; keep the faster."""
