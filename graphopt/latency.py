@@ -52,3 +52,33 @@ def compare(
             sessions[i].run(None, feeds_per[i])
             times[i].append(time.perf_counter() - t0)
     return [float(np.median(t)) for t in times]
+
+
+_SATURATES: bool | None = None
+
+
+def u8s8_saturates() -> bool:
+    """Does this machine's onnxruntime int8 GEMM saturate u8 x s8 pair sums at int16?
+
+    AVX2 kernels multiply with vpmaddubsw, which adds two u8*s8 products into an int16 and
+    saturates (255*127*2 > 32767); VNNI / AMX / ARM kernels accumulate in int32.  Measured once with
+    a one-node MatMulInteger whose exact result is known, not guessed from CPU flags.
+    """
+    global _SATURATES
+    if _SATURATES is None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        from .verify import make_session
+
+        k = 64
+        b = numpy_helper.from_array(np.full((k, 4), 127, np.int8), "b")
+        g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [8, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 4])], [b])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        try:
+            y = make_session(m, "all").run(None, {"a": np.full((8, k), 255, np.uint8)})[0]
+            _SATURATES = bool((y != k * 255 * 127).any())
+        except Exception:
+            _SATURATES = False
+    return _SATURATES

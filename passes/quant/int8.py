@@ -56,6 +56,7 @@ class QuantizeInt8(Pass):
         calibration: Literal["minmax", "percentile"] = "minmax"
         percentile: float = 99.99
         symmetric_activations: bool = False
+        reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: if the int8 GEMM saturates
         exclude: tuple[str, ...] = ()  # node names kept in float
         op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Gather")
         embeddings: bool = True
@@ -139,6 +140,9 @@ class QuantizeInt8(Pass):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
         counts = apply_plan(graph, plan, qp)
+        if qp.weight_qmax < 127:
+            notes.append("weights use 7 bits (reduce-range): this machine's int8 GEMM saturates u8 x s8 pair sums at int16 "
+                         "(AVX2 without VNNI), which the unfused reference run would not show")
         # the shapes inferred for planning are not written out (value_info would cost ~1% of the file)
         io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
         for name, t in graph.tensors().items():
@@ -256,8 +260,15 @@ class QuantizeInt8(Pass):
                            max_batches=o.max_calibration_batches or None)
         ranges = {k: s.range(o.calibration, o.percentile) for k, s in st.items() if s.count}
         means = {k: st[k].channel_mean for k in axes if k in st and st[k].channel_mean is not None}
+        if o.reduce_range == "auto":
+            from graphopt.latency import u8s8_saturates
+
+            reduce = u8s8_saturates()
+        else:
+            reduce = o.reduce_range == "true"
+        self._reduce_range = reduce
         return QuantParams(ranges, means, symmetric=o.symmetric_activations, bias_correction=o.bias_correction,
-                           per_channel=o.per_channel)
+                           per_channel=o.per_channel, weight_qmax=63 if reduce else 127)
 
     # ------------------------------------------------------------------------------------------
     def _regions(self, graph: gs.Graph, plan: Plan) -> list[tuple[set[str], list[str]]]:

@@ -82,21 +82,25 @@ def act_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32, np.nd
     return (np.float32(scale) if scale > 0 else np.float32(1.0)), np.array(0, dtype=np.int8)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 (range [-127, 127]) per channel along ``axis`` (per tensor if None)."""
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (range [-qmax, qmax]) per channel along ``axis`` (per tensor if None).
+
+    ``qmax=63`` (reduce-range) keeps u8 x s8 pair sums inside int16: the AVX2 kernels (vpmaddubsw)
+    saturate otherwise, an error the unfused reference run never shows.
+    """
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         amax = np.array(np.abs(w).max() if w.size else 0.0, dtype=np.float32)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
         return q, scale.reshape(())
     axis = axis % w.ndim
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=red) if w.size else np.zeros(w.shape[axis], np.float32)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -253,6 +257,7 @@ class QuantParams:
     symmetric: bool = False
     bias_correction: bool = True
     per_channel: bool = True
+    weight_qmax: int = 127  # 63 with reduce-range
 
 
 def weight_axis(node: gs.Node) -> int:
@@ -356,7 +361,7 @@ def _bias_shift(n: gs.Node, w: np.ndarray, dw: np.ndarray, mean: np.ndarray | No
 def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, stats) -> None:
     w = rewrite.const_value(n.inputs[1]).astype(np.float32)
     axis = weight_axis(n)
-    q, ws = quantize_weight(w, axis if qp.per_channel else None)
+    q, ws = quantize_weight(w, axis if qp.per_channel else None, qp.weight_qmax)
     wname = n.inputs[1].name
     w_dq = _var(graph, wname, "dq", np.float32)
     dq_attrs = {"axis": axis} if ws.ndim else {}
@@ -394,7 +399,7 @@ def _quantize_dynamic_node(graph, n: gs.Node, qp: QuantParams, cache, stats) -> 
     w = rewrite.const_value(n.inputs[1]).astype(np.float32)
     trans = n.op == "Gemm" and int(n.attrs.get("transB", 0))
     wkn = np.ascontiguousarray(w.T) if trans else w
-    q, ws = quantize_weight(wkn, 1 if qp.per_channel else None)
+    q, ws = quantize_weight(wkn, 1 if qp.per_channel else None, qp.weight_qmax)
     dw = wkn - dequantize_weight(q, ws, 1 if qp.per_channel else None)
     if a.name not in cache:
         aq = _var(graph, a.name, "q", np.uint8)

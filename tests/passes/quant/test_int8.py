@@ -307,3 +307,19 @@ def test_rewrite_limit_quantizes_a_prefix():
     res = get_pass("quantize-int8")(latency_check=False).run(graph, ctx)
     assert res.stats["bn_folded"] == 1 and res.stats["quantized"] == 1
     assert any("rewrite limit" in s for s in res.skipped)
+
+
+def test_reduce_range_makes_fused_kernels_match_the_reference():
+    """With 7-bit weights, onnxruntime's fused int8 kernels (ENABLE_ALL) compute what the QDQ graph
+    means (DISABLE_ALL), even on AVX2 where u8 x s8 pair sums saturate at int16."""
+    from graphopt.latency import u8s8_saturates
+
+    assert isinstance(u8s8_saturates(), bool)
+    model = conv_model(2)
+    graph, ctx, res, _ = run_pass(model, feeds_for(model, 4, 1), latency_check=False, reduce_range="true")
+    out = ctx.to_model(graph).SerializeToString()
+    fused, ref = make_session(onnx.load_from_string(out), "all"), make_session(onnx.load_from_string(out), "disable")
+    for f in feeds_for(model, 3, 4):
+        a, b = ref.run(None, f)[0], fused.run(None, f)[0]
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.01
+    assert any("reduce-range" in n for n in res.notes)
