@@ -10,13 +10,19 @@ Steps:
 3. calibrate: activation ranges and per-channel input means, streamed batch by batch;
 4. latency: each int8 region (connected quantized nodes, entered and left once) is cut out of the
    model and timed against its float version at ORT_ENABLE_ALL, 1 thread, interleaved rounds; a
-   region that does not pay stays float;
+   region that does not pay (<= ``latency-margin`` of its float time) stays float, unless it costs at
+   most ``latency-floor-us`` more per run (tiny models: size wins).  For a model of only MatMul/Gemm,
+   ``mode=auto`` times the whole model with them static and dynamic and keeps the faster.  At the end
+   the whole model is timed against two float copies (their ratio is the noise): slower beyond the
+   noise -> the compute nodes stay float;
 5. accuracy: the candidate is checked with the verifier's own rule (``ctx.budget``, the ``--eval``
    accuracy, or the default budget); if it fails, nodes are ranked by sensitivity (quantized one at a
    time, output error measured) and the most sensitive go back to float until the budget holds;
 6. rewrite: weights per-channel symmetric int8, activations uint8 asymmetric, bias int32 at the
    product scale, bias correction (the mean output shift of weight rounding, measured on the
-   calibration data, folded into the bias).
+   calibration data, folded into the bias).  ``reduce-range=auto`` uses 7-bit weights when this
+   machine's int8 GEMM saturates u8 x s8 pair sums at int16 (AVX2 without VNNI): the fused kernels
+   then compute exactly what the QDQ graph means, which is what the verifier checks.
 
 Every quantizable node gets a line in the result: quantized (how) or kept float (why).
 """
@@ -65,6 +71,7 @@ class QuantizeInt8(Pass):
         latency_margin: float = 0.97  # a region must run in <= this fraction of its float time
         latency_floor_us: float = 50.0  # ...unless int8 costs at most this many microseconds more per run
         max_calibration_batches: int = 0  # 0: all
+        ranking: Literal["on-failure", "always"] = "on-failure"  # sensitivity ranking in the report
         min_weight_elements: int = 0  # smaller weights stay float (the latency check decides otherwise)
 
     # ------------------------------------------------------------------------------------------
@@ -427,7 +434,7 @@ class QuantizeInt8(Pass):
 
         ok, figure = check(build(plan))
         notes.append(f"budget: {check.rule}; all {len(plan)} planned nodes int8: {figure} -> {'holds' if ok else 'fails'}")
-        if ok:
+        if ok and self.options.ranking != "always":
             return plan, notes
         # sensitivity: quantize one unit at a time
         ranking = []
@@ -436,6 +443,8 @@ class QuantizeInt8(Pass):
             ranking.append((err, u))
         ranking.sort(reverse=True)
         notes.append("sensitivity ranking (output error with only that node int8): " + ", ".join(f"{u}={e:.3g}" for e, u in ranking))
+        if ok:
+            return plan, notes
         # keep the k most sensitive in float: the smallest k that holds, found by doubling then bisection
         order = [u for _, u in ranking]
         tried: dict[int, bool] = {}
