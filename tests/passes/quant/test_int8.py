@@ -14,6 +14,7 @@ import graphopt
 from graphopt import ir
 from graphopt.pass_base import Budget, PassContext, get_pass
 from graphopt.verify import Runner, make_session, session_options
+from tests.conftest import corpus_params
 
 CONV_BN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -285,7 +286,7 @@ def test_latency_compare_returns_medians():
 
 @pytest.mark.slow
 @pytest.mark.corpus
-@pytest.mark.parametrize("path", __import__("conftest").corpus_params())
+@pytest.mark.parametrize("path", corpus_params())
 def test_runs_on_every_shared_model(path):
     """Every corpus / digits model quantizes and passes the default budget (latency check off: speed)."""
     model = onnx.load(str(path))
