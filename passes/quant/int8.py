@@ -125,7 +125,7 @@ class QuantizeInt8(Pass):
 
         # the whole model, as a last guard: regions that pay alone must also pay together ----------
         if o.latency_check and len(plan.static | plan.dynamic):
-            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes)
+            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes, check.feeds)
 
         for c in cands:
             if c.name in (plan.static | plan.dynamic | plan.embed):
@@ -326,12 +326,13 @@ class QuantizeInt8(Pass):
             regions.append((nodes, sorted(g)))
         return regions
 
-    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes) -> Plan:
+    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes, feeds_list) -> Plan:
         from graphopt import latency
 
-        feeds = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
-        if feeds is None:
+        if not feeds_list:
+            notes.append("latency: whole model not measured (no inputs)")
             return plan
+        feeds = feeds_list[0]
         g = graph.copy()
         apply_plan(g, plan, qp)
         try:  # the float model twice: the identical pair measures the noise of this machine right now
@@ -385,6 +386,13 @@ class QuantizeInt8(Pass):
         regions = self._regions(graph, plan)
         symbols: dict[str, int] = {}  # symbolic dims (a dynamic batch) take their size from real data
         first = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
+        if first is None:
+            from graphopt.data import generate_feeds
+
+            try:
+                first = generate_feeds(ctx.to_model(graph), seed=ctx.seed, input_shapes=ctx.input_shapes)[0]
+            except Exception:
+                first = None
         for t in graph.inputs:
             if first is not None and t.name in first and t.shape is not None:
                 for d, v in zip(t.shape, np.shape(first[t.name])):
