@@ -35,10 +35,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass, rewrite
-from graphopt.errors import PipelineError
 from graphopt.shapes import infer_shapes
 
-from .qdq import DROP_OPS, OWN_OPS, Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn
+from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn
 
 
 @dataclass
