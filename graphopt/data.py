@@ -262,11 +262,15 @@ def feeds_batches(arrays: dict[str, np.ndarray], model: onnx.ModelProto, batch_s
     if n == 0:
         raise InputError("calibration data is empty")
     step = batch_size
+    fixed = False
     for s in specs.values():
         if s.shape and isinstance(s.shape[0], int):
             step = s.shape[0]
+            fixed = True
             break
-    for i in range(0, n - step + 1, step):
+    # a dynamic batch dim takes the last, shorter batch too (dropping it would skip samples)
+    stop = n - step + 1 if fixed else n
+    for i in range(0, stop, step):
         yield {k: np.ascontiguousarray(arrays[k][i : i + step]) for k in specs}
 
 

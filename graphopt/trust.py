@@ -164,10 +164,12 @@ def _lossy_count(pipeline: Any) -> int:
 def budget_share(budget: Budget, n_lossy: int) -> tuple[float | None, float | None]:
     """(min cosine, min top-1 agreement) one lossy pass may use: the budget's deficit split evenly.
 
-    Without a budget: top-1 agreement 1.0 on classifier outputs and a 0.01 cosine deficit, as the
-    final verification (:func:`graphopt.verify.verify_models`)."""
+    Without a budget: the default budget of the final verification (:func:`graphopt.verify.verify_models`):
+    its cosine deficit split, top-1 agreement as is (counted only over enough rows, see compare_runs)."""
     if not budget.is_set():
-        return 1.0 - 0.01 / n_lossy, 1.0
+        from .verify import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
+
+        return 1.0 - (1.0 - DEFAULT_MIN_COSINE) / n_lossy, DEFAULT_MIN_TOP1
     cos = None if budget.min_cosine is None else 1.0 - (1.0 - budget.min_cosine) / n_lossy
     top1 = None if budget.min_top1_agreement is None else 1.0 - (1.0 - budget.min_top1_agreement) / n_lossy
     return cos, top1
@@ -177,9 +179,15 @@ def compare_runs(ref: list[dict[str, Any]], got: list[dict[str, Any]], *, exact:
                  min_cosine: float | None = None, min_top1: float | None = None,
                  budget_set: bool = False) -> tuple[bool, list[OutputMetrics], str]:
     """Compare per-sample outputs; returns (ok, worst metrics per output, one-line reason)."""
+    from .verify import DEFAULT_TOP1_MIN_ROWS
+
     worst: dict[str, OutputMetrics] = {}
     top1: dict[str, list[float]] = {}
+    rows: dict[str, int] = {}
     for r, g in zip(ref, got):
+        for k, v in r.items():
+            if isinstance(v, np.ndarray) and v.ndim == 2:
+                rows[k] = rows.get(k, 0) + v.shape[0]
         for m in compare_outputs(r, g, exact=exact):
             if m.top1_agreement is not None:
                 top1.setdefault(m.name, []).append(m.top1_agreement)
@@ -196,9 +204,11 @@ def compare_runs(ref: list[dict[str, Any]], got: list[dict[str, Any]], *, exact:
             m.ok, m.reason = True, ""
     if not exact:
         for m in metrics:
-            if min_top1 is not None and m.top1_agreement is not None and m.top1_agreement < min_top1 - 1e-12:
+            # the default budget counts top-1 only over enough rows, and cosine on every output (verify_models)
+            top1_counts = m.top1_agreement is not None and (budget_set or rows.get(m.name, 0) >= DEFAULT_TOP1_MIN_ROWS)
+            if min_top1 is not None and top1_counts and m.top1_agreement < min_top1 - 1e-12:
                 return False, metrics, f"output '{m.name}': top-1 agreement {m.top1_agreement:.4f} < {min_top1:.4f}"
-            if min_cosine is not None and m.cosine < min_cosine and (m.top1_agreement is None or budget_set):
+            if min_cosine is not None and m.cosine < min_cosine and (m.top1_agreement is None or budget_set or not top1_counts):
                 return False, metrics, f"output '{m.name}': cosine {m.cosine:.6f} < {min_cosine:.6f} (max_abs {m.max_abs:.3g})"
     return True, metrics, ""
 

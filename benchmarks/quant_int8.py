@@ -1,0 +1,115 @@
+"""int8 quantization, graphopt vs onnxruntime.quantization, on the shared corpus (ratios in one run).
+
+    python benchmarks/quant_int8.py --calib-dir DIR --models resnet18,bert_mini [--samples 16]
+
+For each model: graphopt ``-O2 + quantize-int8`` with the calibration file DIR/calib_<model>_<N>.npz,
+onnxruntime's ``quantize_static`` (QDQ, per-channel, the same calibration inputs) and, for models
+with MatMul, ``quantize_dynamic``.  Latency: ORT_ENABLE_ALL, 1 thread, interleaved rounds; the fp32
+model is run twice (an identical control pair: its ratio is the noise floor).  Error: relative L2
+of the outputs vs fp32 (ORT_DISABLE_ALL) on held-out inputs DIR/calib_<model>_8_s2.npz.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+import graphopt
+from graphopt import latency
+from graphopt.verify import make_session
+
+
+def rel_l2(model_path, ref_path, feeds_list):
+    ref = make_session(ref_path, "disable")
+    got = make_session(model_path, "all")
+    worst = 0.0
+    for f in feeds_list:
+        r = ref.run(None, f)
+        g = got.run(None, f)
+        for a, b in zip(r, g):
+            worst = max(worst, float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)))
+    return worst
+
+
+def split(npz):
+    z = np.load(npz)
+    n = len(z[z.files[0]])
+    return [{k: z[k][i:i + 1] for k in z.files} for i in range(n)]
+
+
+class Reader:
+    def __init__(self, feeds):
+        self.feeds = feeds
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.feeds)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=os.path.join(os.environ.get("GRAPHOPT_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared"), "corpus"))
+    ap.add_argument("--calib-dir", required=True)
+    ap.add_argument("--models", default="squeezenet1_1,mobilenet_v3_small,mobilenet_v2,resnet18,efficientnet_b0,bert_mini,gpt2_mini")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=20.0, help="latency budget per model")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-ort", action="store_true")
+    args = ap.parse_args()
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="quant_bench_")
+    for name in args.models.split(","):
+        src = os.path.join(args.corpus, f"{name}.onnx")
+        calib = os.path.join(args.calib_dir, f"calib_{name}_{args.samples}.npz")
+        held = split(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"))
+        ours = os.path.join(tmp, f"{name}.graphopt.onnx")
+        t0 = time.perf_counter()
+        res = graphopt.optimize(src, "O2,quantize-int8", output=ours, calibration=calib)
+        t_ours = time.perf_counter() - t0
+        q = [p for p in res.report.passes if p.name.startswith("quantize-int8")][0]
+        models = {"fp32": src, "fp32_control": src, "graphopt": ours}
+        if not args.no_ort:
+            ort_s = os.path.join(tmp, f"{name}.ort_static.onnx")
+            try:
+                quantize_static(src, ort_s, Reader(split(calib)), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                models["ort_static"] = ort_s
+            except Exception as e:
+                print(f"{name}: quantize_static failed: {e}", file=sys.stderr)
+            if name in ("bert_mini", "gpt2_mini"):
+                ort_d = os.path.join(tmp, f"{name}.ort_dynamic.onnx")
+                quantize_dynamic(src, ort_d, weight_type=QuantType.QInt8, per_channel=True)
+                models["ort_dynamic"] = ort_d
+        feeds = held[0]
+        protos = [onnx.load(p) for p in models.values()]
+        med = latency.compare(protos, feeds, budget_seconds=args.seconds, min_rounds=10, max_rounds=400)
+        base = med[0]
+        row = {"model": name, "fp32_ms": base * 1e3, "seconds_graphopt": round(t_ours, 1),
+               "verification": res.verification.summary() if res.verification else None,
+               "stats": q.stats}
+        for (k, p), m in zip(models.items(), med):
+            row[f"latency_{k}"] = m / base
+            if k != "fp32_control":
+                row[f"size_{k}"] = os.path.getsize(p) / os.path.getsize(src)
+            if k not in ("fp32", "fp32_control"):
+                row[f"rel_l2_{k}"] = rel_l2(p, src, held)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Streaming calibration statistics over intermediate activations.
+
+Statistics are accumulated batch by batch from ``ctx.calibration_batches()``: only one batch of
+activations is alive at a time, so memory does not grow with the number of samples (onnxruntime's
+calibrators keep every intermediate tensor of every sample).  Used by quantization (activation
+ranges, per-channel input means for bias correction) and by pruning (activation magnitudes).
+
+Range methods: ``minmax`` (one pass), ``percentile`` (a second pass builds a fixed-range histogram
+between the observed min and max and clips both tails at the given percentile).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from .pass_base import PassContext
+
+RANGE_METHODS = ("minmax", "percentile")
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one float tensor over all calibration samples."""
+
+    name: str
+    channel_axis: int | None = None  # keep a per-channel mean along this axis (None: no mean)
+    count: int = 0  # batches seen
+    min: float = float("inf")
+    max: float = float("-inf")
+    abs_mean_sum: float = 0.0
+    elements: int = 0
+    channel_sum: np.ndarray | None = None
+    channel_n: int = 0
+    hist: np.ndarray | None = None
+    hist_range: tuple[float, float] | None = None
+
+    def update(self, a: np.ndarray) -> None:
+        a = np.asarray(a)
+        if a.size == 0 or a.dtype.kind != "f":
+            return
+        a32 = a.astype(np.float32, copy=False)
+        finite = a32[np.isfinite(a32)] if not np.isfinite(a32).all() else a32
+        if finite.size == 0:
+            return
+        self.count += 1
+        self.min = min(self.min, float(finite.min()))
+        self.max = max(self.max, float(finite.max()))
+        self.abs_mean_sum += float(np.abs(finite, dtype=np.float64).sum())
+        self.elements += int(finite.size)
+        if self.channel_axis is not None and a32.ndim > 0:
+            ax = self.channel_axis % a32.ndim
+            axes = tuple(i for i in range(a32.ndim) if i != ax)
+            s = a32.sum(axis=axes, dtype=np.float64)
+            self.channel_sum = s if self.channel_sum is None or self.channel_sum.shape != s.shape else self.channel_sum + s
+            self.channel_n += int(a32.size // max(a32.shape[ax], 1))
+
+    def update_hist(self, a: np.ndarray, bins: int) -> None:
+        a = np.asarray(a)
+        if a.size == 0 or a.dtype.kind != "f" or self.hist_range is None:
+            return
+        lo, hi = self.hist_range
+        h, _ = np.histogram(a[np.isfinite(a)], bins=bins, range=(lo, hi))
+        self.hist = h.astype(np.int64) if self.hist is None else self.hist + h
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        if self.channel_sum is None or self.channel_n == 0:
+            return None
+        return (self.channel_sum / self.channel_n).astype(np.float32)
+
+    @property
+    def mean_abs(self) -> float:
+        return self.abs_mean_sum / self.elements if self.elements else 0.0
+
+    def range(self, method: str = "minmax", percentile: float = 99.99) -> tuple[float, float]:
+        """The (low, high) range to quantize to; both ends always include 0."""
+        if self.count == 0:
+            return 0.0, 0.0
+        lo, hi = self.min, self.max
+        if method == "percentile" and self.hist is not None and self.hist.sum() > 0:
+            edges = np.linspace(self.hist_range[0], self.hist_range[1], len(self.hist) + 1)
+            cdf = np.cumsum(self.hist) / self.hist.sum()
+            tail = max(0.0, 1.0 - percentile / 100.0)
+            if lo < 0:
+                lo = float(edges[int(np.searchsorted(cdf, tail, side="left"))])
+            hi = float(edges[min(int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1, len(edges) - 1)])
+        return min(lo, 0.0), max(hi, 0.0)
+
+
+def collect_stats(
+    ctx: "PassContext",
+    model: "onnx.ModelProto",
+    names: Iterable[str],
+    *,
+    channel_axes: dict[str, int] | None = None,
+    method: str = "minmax",
+    bins: int = 2048,
+    max_batches: int | None = None,
+) -> dict[str, TensorStats]:
+    """Statistics of the tensors ``names`` of ``model`` over the calibration stream.
+
+    One onnxruntime session (optimizations off) exposes the tensors as extra outputs; each batch's
+    activations are folded into the running statistics and dropped before the next batch is run.
+    ``method='percentile'`` makes a second pass for the histograms.
+    """
+    if method not in RANGE_METHODS:
+        raise ValueError(f"unknown calibration method {method!r} (use {', '.join(RANGE_METHODS)})")
+    names = list(dict.fromkeys(names))
+    axes = channel_axes or {}
+    stats = {n: TensorStats(n, axes.get(n)) for n in names}
+    if not names or not ctx.has_calibration:
+        return stats
+    runner = ctx.session(model, extra_outputs=names)
+
+    def batches():
+        for i, feeds in enumerate(ctx.calibration_batches()):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield feeds
+
+    for feeds in batches():
+        out = runner.run(feeds, names)
+        for n, v in out.items():
+            stats[n].update(v)
+        del out
+    if method == "percentile":
+        for s in stats.values():
+            if s.count:
+                hi = s.max if s.max > s.min else s.min + 1e-6
+                s.hist_range = (s.min, hi)
+        for feeds in batches():
+            out = runner.run(feeds, names)
+            for n, v in out.items():
+                stats[n].update_hist(v, bins)
+            del out
+    return stats
