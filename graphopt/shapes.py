@@ -53,10 +53,13 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     n = 0
     tensors = graph.tensors()
+    signature = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
     for name, vi in infos.items():
         t = tensors.get(name)
         if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type"):
             continue
+        if id(t) in signature:
+            continue  # the model's inputs and outputs keep the types and shapes the user declared
         tt = vi.type.tensor_type
         if tt.elem_type and t.dtype is None:
             t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
