@@ -178,3 +178,13 @@ def to_identity(node: gs.Node, src: gs.Tensor) -> None:
     node.inputs.append(src)
     for o in extra:
         node.outputs.remove(o)
+
+
+def drop_detached(graph: gs.Graph) -> None:
+    """Remove nodes a pass detached (no inputs and no outputs left), in every scope.
+
+    Cheaper than ``graph.cleanup()``; nodes that merely became dead are left to ``dce``.
+    """
+    for g in all_graphs(graph):
+        if any(not n.outputs and not n.inputs for n in g.nodes):
+            g.nodes = [n for n in g.nodes if n.outputs or n.inputs]

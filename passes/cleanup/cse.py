@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt.shapes import is_sorted
 from graphopt.rewrite import replace_uses
 
 from .. import _common as C
@@ -88,7 +89,7 @@ class CommonSubexpressionElimination(Pass):
                 if self._stop:
                     break
         if changed:
-            graph.cleanup(remove_unused_graph_inputs=False, remove_unused_node_outputs=False, recurse_subgraphs=True)
+            C.drop_detached(graph)
         return PassResult(changed, stats, skipped)
 
     # ----------------------------------------------------------------------------------------------
@@ -134,7 +135,8 @@ class CommonSubexpressionElimination(Pass):
 
     # ----------------------------------------------------------------------------------------------
     def _nodes(self, g: gs.Graph, all_io: set[int], ctx: PassContext, stats: dict, skipped: list[str]) -> bool:
-        g.toposort(recurse_subgraphs=False)
+        if not is_sorted(g):
+            g.toposort(recurse_subgraphs=False)
         table: dict[tuple, gs.Node] = {}
         changed = False
         for n in list(g.nodes):

@@ -102,7 +102,7 @@ class MergeChains(Pass):
     @staticmethod
     def _finish(graph, changed, stats, skipped) -> PassResult:
         if changed:
-            graph.cleanup(remove_unused_graph_inputs=False, remove_unused_node_outputs=False, recurse_subgraphs=True)
+            C.drop_detached(graph)
         return PassResult(changed, stats, skipped)
 
     def _match(self, node: gs.Node, first: gs.Node, opset: int):

@@ -247,7 +247,7 @@ class EliminateNoops(Pass):
             if self._stop:
                 break
         if changed:
-            graph.cleanup(remove_unused_graph_inputs=False, remove_unused_node_outputs=False, recurse_subgraphs=True)
+            C.drop_detached(graph)
         return PassResult(changed, stats, skipped)
 
     def _why_not_bypass(self, node: gs.Node, g: gs.Graph, keep: int) -> str | None:

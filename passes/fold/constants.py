@@ -16,7 +16,7 @@ Two kinds of folding:
 Size limit (``size-limit``, default 1 MiB per produced tensor): a result is kept if it is no larger
 than the limit or than the largest constant input it was computed from (so a Transpose of a weight
 folds).  Generators (ConstantOfShape, Range, Expand, Tile) fold only within the limit, checked before
-anything is allocated.  Q/DQ and random ops are never folded; nothing that produces a graph output is
+anything is allocated.  Nodes left dead (a Shape whose readers all folded) are for ``dce``.  Q/DQ and random ops are never folded; nothing that produces a graph output is
 replaced (the output must stay produced by a node).  A node that fails to evaluate is left alone, with
 the reason in the report.
 """
@@ -29,6 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt.shapes import is_sorted
 
 from .. import _common as C
 from . import _numpy_ops as K
@@ -142,13 +143,14 @@ class FoldConstants(Pass):
         self._skipped = skipped
         self._partial: dict[int, Partial] = {}
         self._stop = False
-        graph.toposort()
+        if not is_sorted(graph):
+            graph.toposort()
         if self._needs_shapes(graph):
             C.ensure_shapes(graph, ctx)
         self._fold(graph, int(graph.opset))
         changed = stats["folded"] + stats["shape_folded"] + stats["constant_nodes"] > 0
         if changed:
-            graph.cleanup(remove_unused_graph_inputs=False, remove_unused_node_outputs=False, recurse_subgraphs=True)
+            C.drop_detached(graph)
         return PassResult(changed, {k: v for k, v in stats.items()}, skipped)
 
     @staticmethod
