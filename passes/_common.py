@@ -188,3 +188,23 @@ def drop_detached(graph: gs.Graph) -> None:
     for g in all_graphs(graph):
         if any(not n.outputs and not n.inputs for n in g.nodes):
             g.nodes = [n for n in g.nodes if n.outputs or n.inputs]
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array of the same shape (``np.ascontiguousarray`` turns 0-d arrays into 1-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def small_const(t: gs.Tensor | None, max_elems: int = 4096) -> np.ndarray | None:
+    """``const_array`` for constants of at most ``max_elems`` elements, checked before loading any bytes."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        try:
+            n = int(np.prod(t.shape))
+        except Exception:
+            return None
+        if n > max_elems:
+            return None
+    return const_array(t) if (isinstance(t, gs.Constant) or (t.inputs and t.inputs[0].op == "Constant")) else None

@@ -26,6 +26,18 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
                     "Dropout"}
 
 
+_NUMERIC = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                                  np.uint64, np.float16, np.float32, np.float64)}
+
+
+def _mergeable(t: gs.Constant) -> bool:
+    """Plain numeric values that export back exactly (no strings, no bfloat16/float8 re-typing)."""
+    try:
+        return t._export_dtype is None and np.dtype(t._values.dtype) in _NUMERIC
+    except TypeError:
+        return False
+
+
 def _lazy_meta(t: gs.Constant) -> tuple:
     v = t._values
     return (str(v.dtype), tuple(v.shape), str(t._export_dtype))
@@ -48,6 +60,9 @@ def _digest(arr: np.ndarray) -> bytes:
 
 def _attr_key(v) -> object:
     if isinstance(v, gs.Constant):
+        proto = getattr(v._values, "tensor", None)
+        if proto is not None:  # lazily loaded: key on the stored bytes, do not decode (strings stay strings)
+            return ("tensor-proto", proto.SerializeToString(), str(v._export_dtype))
         a = np.asarray(v.values)
         return ("tensor", str(a.dtype), a.shape, str(v._export_dtype), _digest(a))
     if isinstance(v, gs.Tensor):
@@ -100,7 +115,7 @@ class CommonSubexpressionElimination(Pass):
         for n in g.nodes:
             for t in n.inputs:
                 if isinstance(t, gs.Constant) and id(t) not in all_io and id(t) not in seen \
-                        and all(id(c) in own for c in t.outputs):
+                        and _mergeable(t) and all(id(c) in own for c in t.outputs):
                     seen[id(t)] = t
         groups: dict[tuple, list[gs.Constant]] = {}
         for t in seen.values():

@@ -128,7 +128,7 @@ class MergeChains(Pass):
         if node.op == "Reshape" and first.op in _RESHAPES:
             if len(node.inputs) < 2:
                 return None
-            shape = C.const_array(node.inputs[1])
+            shape = C.small_const(node.inputs[1])
             if shape is None or shape.dtype.kind not in "iu":
                 return None
             if not int(node.attrs.get("allowzero", 0)) and bool(np.any(shape == 0)):

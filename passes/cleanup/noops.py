@@ -27,7 +27,7 @@ _BIG = 2**62  # an end index at least this large means "to the end" for any real
 
 
 def _const_ints(t: gs.Tensor | None) -> list[int] | None:
-    v = C.const_array(t)
+    v = C.small_const(t)
     if v is None or v.dtype.kind not in "iu":
         return None
     return [int(x) for x in v.reshape(-1)]
@@ -193,7 +193,7 @@ class _Checks:
     def _neutral(self, node, value: float, commutative: bool) -> tuple[str | None, int]:
         a, b = node.inputs[0], node.inputs[1]
         for keep, other in ((0, b), (1, a)) if commutative else ((0, b),):
-            c = C.const_array(other)
+            c = C.small_const(other)
             x = node.inputs[keep]
             if c is None or c.dtype.kind not in "iuf" or C.np_dtype(x) != c.dtype:
                 continue

@@ -230,7 +230,7 @@ def k_transpose(node, ins, opset):
     perm = list(range(x.ndim))[::-1] if perm is None else [int(p) for p in perm]
     if sorted(perm) != list(range(x.ndim)):
         raise Unsupported("bad perm")
-    return [np.ascontiguousarray(np.transpose(x, perm))]
+    return [np.transpose(x, perm).copy(order="C")]
 
 
 def _same_type(ins):
@@ -356,7 +356,7 @@ def k_expand(node, ins, opset):
         out = np.broadcast_shapes(x.shape, tuple(shape))
     except ValueError:
         raise Unsupported("Expand shapes do not broadcast") from None
-    return [np.ascontiguousarray(np.broadcast_to(x, out))]
+    return [np.broadcast_to(x, out).copy(order="C")]
 
 
 def k_tile(node, ins, opset):

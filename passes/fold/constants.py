@@ -187,7 +187,7 @@ class FoldConstants(Pass):
             return False
         for t, v in zip(node.outputs, values):
             if t.name:
-                t.to_constant(np.ascontiguousarray(v))
+                t.to_constant(C.contiguous(v))
         node.outputs.clear()
         node.inputs.clear()
         return True
