@@ -160,16 +160,56 @@ def _outer_refs(g: onnx.GraphProto) -> set[str]:
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
+    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``.
+
+    gs drops graph inputs that also have an initializer.  From IR version 4 on such an input is a
+    default the user may override, so it comes back as a graph input (a ``gs.Variable``: no pass may
+    treat it as constant) and :func:`export_graph` writes its default back.  Before IR 4 every
+    initializer had to be listed as an input; those stay constants and are listed again on export.
+    """
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as e:  # gs raises plain exceptions on odd models
         raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
+    inits = {t.name for t in model.graph.initializer}
+    overridable = [i for i in model.graph.input if i.name in inits]
+    if overridable and model.ir_version >= 4:
+        tensors = graph.tensors()
+        protos = {t.name: t for t in model.graph.initializer}
+        defaults = {}
+        order = [i.name for i in model.graph.input]
+        for vi in overridable:
+            t = tensors.get(vi.name)
+            if isinstance(t, gs.Constant):
+                dtype = t.export_dtype
+                shape = list(t.shape)
+                t.to_variable(dtype=dtype, shape=shape)
+                t.type = "tensor_type"
+            elif t is None:
+                t = gs.Variable(vi.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(protos[vi.name].data_type),
+                                shape=list(protos[vi.name].dims))
+            defaults[vi.name] = protos[vi.name]
+            graph.inputs.append(t)
+        rank = {n: i for i, n in enumerate(order)}
+        graph.inputs.sort(key=lambda t: rank.get(t.name, len(rank)))
+        graph._graphopt_input_defaults = defaults  # read back by export_graph
+    return graph
 
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
     model = gs.export_onnx(graph, do_type_check=False)
+    defaults = getattr(graph, "_graphopt_input_defaults", None) or {}
+    if defaults:
+        have = {t.name for t in model.graph.initializer}
+        inputs = {i.name for i in model.graph.input}
+        model.graph.initializer.extend(t for n, t in defaults.items() if n not in have and n in inputs)
+    if template is not None and template.ir_version < 4:
+        # IR < 4: every initializer must also be a graph input
+        inputs = {i.name for i in model.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in inputs:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     if template is not None:
         model.ir_version = template.ir_version
         model.producer_name = template.producer_name

@@ -138,6 +138,12 @@ def apply_input_shapes(graph: gs.Graph, ctx) -> int:
     return n
 
 
+def input_shapes_pending(graph: gs.Graph, ctx) -> bool:
+    """True while a ``--input-shape`` the user gave is not yet written onto the graph inputs."""
+    fixed = getattr(ctx, "input_shapes", None) or {}
+    return any(t.name in fixed and t.shape != [int(d) for d in fixed[t.name]] for t in graph.inputs)
+
+
 def ensure_shapes(graph: gs.Graph, ctx) -> None:
     """Shapes and dtypes on the tensors of ``graph`` (cached per graph generation in ``ctx``).
 
@@ -148,7 +154,13 @@ def ensure_shapes(graph: gs.Graph, ctx) -> None:
 
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
         return
-    apply_input_shapes(graph, ctx)
+    if apply_input_shapes(graph, ctx):
+        # dims inferred from the dynamic signature are stale now: infer them again from scratch
+        io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+        for g in all_graphs(graph):
+            for t in g.tensors().values():
+                if isinstance(t, gs.Variable) and id(t) not in io:
+                    t.shape = None
     saved = [(t, t.dtype, None if t.shape is None else list(t.shape)) for t in list(graph.inputs) + list(graph.outputs)]
     try:
         infer_shapes(graph, ctx)

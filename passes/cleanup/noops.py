@@ -235,7 +235,7 @@ class EliminateNoops(Pass):
         stats: dict[str, int] = {"removed": 0}
         skipped: list[str] = []
         graphs = list(C.all_graphs(graph))
-        if any(_needs_shapes(n) for g in graphs for n in g.nodes):
+        if C.input_shapes_pending(graph, ctx) or any(_needs_shapes(n) for g in graphs for n in g.nodes):
             C.ensure_shapes(graph, ctx)
         self._all_outputs = {id(t) for g in graphs for t in g.outputs}
         self._stop = False

@@ -145,7 +145,7 @@ class FoldConstants(Pass):
         self._stop = False
         if not is_sorted(graph):
             graph.toposort()
-        if self._needs_shapes(graph):
+        if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx):
             C.ensure_shapes(graph, ctx)
         self._fold(graph, int(graph.opset))
         changed = stats["folded"] + stats["shape_folded"] + stats["constant_nodes"] > 0
