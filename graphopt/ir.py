@@ -199,7 +199,7 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
 def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
     model = gs.export_onnx(graph, do_type_check=False)
-    defaults = getattr(graph, "_graphopt_input_defaults", None) or {}
+    defaults = graph.__dict__.get("_graphopt_input_defaults") or {}  # (gs.Graph.__getattr__ logs misses)
     if defaults:
         have = {t.name for t in model.graph.initializer}
         inputs = {i.name for i in model.graph.input}

@@ -278,6 +278,8 @@ class EliminateNoops(Pass):
                 reason = checks.check(node)
             if reason is not None:
                 continue
+            if node.op == "Dropout" and len(node.outputs) > 1 and id(node.outputs[1]) in self._all_outputs:
+                continue  # the mask is a graph output
             why = self._why_not_bypass(node, g, keep)
             if why is not None:
                 skipped.append(f"{node.name or node.op}: {node.op} is a no-op but {why}; kept")

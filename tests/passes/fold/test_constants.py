@@ -8,8 +8,14 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from graphopt.passes.fold import _numpy_ops as K
+from graphopt.testing import PassRunner
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+@pytest.fixture
+def passes() -> PassRunner:
+    return PassRunner()
 
 SHAPE_CHAIN = HEAD + """
 g (float[N,3,4,4] x) => (float[N,3,16] y) {

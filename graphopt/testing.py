@@ -1,12 +1,19 @@
-"""Helpers for pass tests: run one pass on an inline model, compare with onnxruntime (optimizations off),
-full onnx.checker, idempotence."""
+"""Helpers for testing passes (graphopt's own and plugins'): run one pass on an inline model, compare
+with onnxruntime (optimizations off), full onnx.checker, idempotence.
+
+    from graphopt.testing import PassRunner
+    passes = PassRunner()
+    m = passes.parse(text)              # onnx.parser text, checked with full_check
+    out = passes.run(m, "cse")          # Outcome(model, changed, stats, skipped), out.ops
+    passes.check(m, out.model)          # checker + same signature + same numbers (rtol 1e-5)
+    passes.idempotent(out.model, "cse")
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import pytest
 
 from graphopt import ir
 from graphopt.data import generate_feeds
@@ -71,8 +78,3 @@ class PassRunner:
     def idempotent(self, model: onnx.ModelProto, name: str, input_shapes=None, **options) -> None:
         again = self.run(model, name, input_shapes=input_shapes, **options)
         assert not again.changed, f"second run of {name} changed the graph: {again.stats}"
-
-
-@pytest.fixture
-def passes() -> PassRunner:
-    return PassRunner()
