@@ -21,6 +21,7 @@ from .manager import Instrument, PassManager
 from .pass_base import Budget, PassContext, load_plugin
 from .pipeline import Pipeline, parse_pipeline
 from .report import Report, model_summary
+from .shapes import is_sorted
 from .verify import Verification, load_eval, verify_models
 
 
@@ -145,13 +146,16 @@ def optimize(
     pm = PassManager(pipeline, ins)
     report = pm.report
     report.input = str(src_path) if src_path else type(model).__name__
-    report.before = model_summary(graph, original.ByteSize())
+    size_before = src_path.stat().st_size if src_path is not None and not ir._uses_external_data(original) \
+        else ir.approx_size(original)
+    report.before = model_summary(graph, size_before)
     t0 = time.perf_counter()
     graph = pm.run(graph, ctx)
     t_passes = time.perf_counter() - t0
-    graph.toposort()
+    if not is_sorted(graph):  # gs.toposort costs as much as the import; passes mostly keep the order
+        graph.toposort()
     optimized = ir.export_graph(graph, original)
-    report.after = model_summary(graph, optimized.ByteSize())
+    report.after = model_summary(graph, ir.approx_size(optimized))
     lossy = any(not p.exact for p in pm.passes)
 
     verification = None

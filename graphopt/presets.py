@@ -10,7 +10,7 @@ from .errors import PipelineError
 
 PRESETS: dict[str, str] = {
     "O0": "",
-    "O1": "infer-shapes,fixpoint{max-iter=6}(fold-constants,merge-chains,eliminate-noops,cse,dce)",
+    "O1": "fixpoint{max-iter=6}(fold-constants,merge-chains,eliminate-noops,cse,dce)",
     "O2": "O1",
     "O3": "O2",
 }

@@ -15,7 +15,12 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import InputError
 
 
+_SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
+
+
 def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
+    if node.op not in _SUBGRAPH_OPS and not node.domain:
+        return []
     out: list[gs.Graph] = []
     for a in node.attrs.values():
         if isinstance(a, gs.Graph):

@@ -43,7 +43,21 @@ def _lazy_meta(t: gs.Constant) -> tuple:
     return (str(v.dtype), tuple(v.shape), str(t._export_dtype))
 
 
+def _cached(t: gs.Constant, key: str, fn):
+    """Per-constant memo, valid while the constant keeps the same values object."""
+    memo = t.__dict__.setdefault("_graphopt_cse", {})
+    k = (key, id(t._values))
+    if k not in memo:
+        memo.clear() if len(memo) > 4 else None
+        memo[k] = (t._values, fn(t))  # holding the values object keeps its id from being reused
+    return memo[k][1]
+
+
 def _sample(t: gs.Constant) -> bytes:
+    return _cached(t, "sample", _sample_uncached)
+
+
+def _sample_uncached(t: gs.Constant) -> bytes:
     """A cheap fingerprint (a few hundred bytes from both ends) that does not decode lazy weights."""
     v = t._values
     proto = getattr(v, "tensor", None)
