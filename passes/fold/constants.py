@@ -145,6 +145,7 @@ class FoldConstants(Pass):
         self._stop = False
         if not is_sorted(graph):
             graph.toposort()
+        self._all_outputs = {id(t) for g in C.all_graphs(graph) for t in g.outputs}
         if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx):
             C.ensure_shapes(graph, ctx)
         self._fold(graph, int(graph.opset))
@@ -163,7 +164,7 @@ class FoldConstants(Pass):
 
     # ----------------------------------------------------------------------------------------------
     def _fold(self, graph: gs.Graph, opset: int) -> None:
-        outputs = {id(t) for t in graph.outputs}
+        outputs = self._all_outputs  # outputs of this graph or of any nested one
         for node in list(graph.nodes):
             if self._stop:
                 return
@@ -231,23 +232,22 @@ class FoldConstants(Pass):
                 return
         else:
             limit = max(limit, max((a.nbytes for a in ins if a is not None), default=0))
-        values = K.run_kernel(node, ins, opset)
+        values = K.run_kernel(node, ins, opset)  # one value per output
         if values is not None:
             self._stats["fast"] += 1
         else:
             try:
-                values = evaluate_node(node, opset)
+                named_values = evaluate_node(node, opset)  # one value per *named* output
                 self._stats["fallback"] += 1
+                it = iter(named_values)
+                values = [next(it, None) if t.name else np.zeros(0, np.float32) for t in node.outputs]
+                if any(v is None for v in values):
+                    raise ValueError(f"evaluation returned {len(named_values)} values")
             except Exception as e:
                 self._stats["failed"] += 1
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self._skipped.append(f"{node.name or node.op}: cannot evaluate {node.op}: {msg[:200]}")
                 return
-        named = [t for t in node.outputs if t.name]
-        if len(values) < len(node.outputs):
-            self._stats["failed"] += 1
-            self._skipped.append(f"{node.name or node.op}: evaluation returned {len(values)} of {len(node.outputs)} outputs")
-            return
         for t, v in zip(node.outputs, values):
             if not t.name:
                 continue
@@ -259,11 +259,10 @@ class FoldConstants(Pass):
                 self._stats["failed"] += 1
                 self._skipped.append(f"{node.name or node.op}: evaluated to {v.dtype} but the graph says {want}")
                 return
-        if any(v.nbytes > limit for v in values):
+        if any(v.nbytes > limit for v, t in zip(values, node.outputs) if t.name):
             self._stats["too_large"] += 1
             self._skipped.append(f"{node.name or node.op}: {node.op} result of {max(v.nbytes for v in values)} bytes is over the size limit")
             return
-        del named
         if self._replace(node, values, "fold"):
             self._stats["folded"] += 1
 

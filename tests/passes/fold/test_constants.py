@@ -214,3 +214,31 @@ def test_kernel_refuses_what_it_cannot_do_exactly():
     cast = gs.Node("Cast", attrs={"to": onnx.TensorProto.INT32}, inputs=[gs.Variable("x")], outputs=[gs.Variable("y")])
     assert K.run_kernel(cast, [np.array([np.nan], np.float32)], 17) is None
     assert K.run_kernel(cast, [np.array([3e10], np.float32)], 17) is None
+
+
+def test_ops_without_a_kernel_fold_through_the_reference_evaluator(passes):
+    m = passes.parse(HEAD + """
+g (float[3] x) => (float[3] y) {
+  v = Constant<value = float[4] {3, 1, 4, 1.5}>()
+  k = Constant<value = int64[1] {3}>()
+  top, idx = TopK(v, k)
+  s = Sqrt(top)
+  y = Add(x, s)
+}""")
+    out = passes.run(m, "fold-constants")
+    assert out.stats["fallback"] == 2 and out.stats["folded"] == 2  # TopK (2 outputs, idx unused), Sqrt
+    assert passes.run(out.model, "dce").ops == ["Add"]
+    passes.check(m, out.model)
+
+
+def test_string_constants_are_moved_but_not_decoded(passes):
+    m = passes.parse(HEAD + """
+g (string[2] x) => (string[4] y) {
+  c = Constant<value = string[2] {"a", "b"}>()
+  d = Identity(c)
+  y = Concat<axis=0>(d, x)
+}""")
+    out = passes.run(m, "fold-constants")
+    assert out.stats["constant_nodes"] == 1 and "Identity" in out.ops
+    assert any("type folding does not handle" in s for s in out.skipped)
+    passes.check(m, out.model, [{"x": np.array(["p", "q"], dtype=object)}])
