@@ -271,7 +271,7 @@ class FoldConstants(Pass):
         p = self._partial.get(id(t))
         if p is not None:
             return p
-        if isinstance(t, gs.Constant) and _plain_constant(t) and np.dtype(t.dtype).kind in "iub" and len(t.shape) <= 1 \
+        if isinstance(t, gs.Constant) and _plain_constant(t) and np.dtype(t.dtype).kind in "iub" \
                 and int(np.prod(t.shape)) <= 64:
             v = np.asarray(t.values)
             return Partial(v, np.ones(v.shape, dtype=bool))
@@ -353,9 +353,6 @@ class FoldConstants(Pass):
                   "And", "Or", "Not", "Neg", "Abs"):
             if any(p is None for p in parts):
                 return None
-            if op == "Mul":
-                # x * 0 is 0 even where x is unknown (ints only: no NaN/inf)
-                pass
             filled = [np.where(p.known, p.values, np.ones_like(p.values)) for p in parts]
             v = K.run_kernel(node, filled, opset)
             if v is None:
@@ -363,6 +360,12 @@ class FoldConstants(Pass):
             known = parts[0].known
             for p in parts[1:]:
                 known = known & p.known
+            # an absorbing element decides the result whatever the other operand is: x * 0 (integers only,
+            # no NaN/inf), x AND false, x OR true
+            absorbing = {"Mul": 0, "And": False, "Or": True}.get(op)
+            if absorbing is not None and len(parts) == 2 and (op != "Mul" or parts[0].values.dtype.kind in "iu"):
+                for p in parts:
+                    known = known | (p.known & (p.values == absorbing))
             known = np.broadcast_to(known, v[0].shape).copy()
             return Partial(v[0], known)
         if op == "Where":

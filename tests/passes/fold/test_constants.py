@@ -242,3 +242,20 @@ g (string[2] x) => (string[4] y) {
     assert out.stats["constant_nodes"] == 1 and "Identity" in out.ops
     assert any("type folding does not handle" in s for s in out.skipped)
     passes.check(m, out.model, [{"x": np.array(["p", "q"], dtype=object)}])
+
+
+def test_integer_times_zero_is_known_even_when_the_other_operand_is_not(passes):
+    m = passes.parse(HEAD + """
+g (int64[B,S] ids) => (int64[1,1] y) {
+  s = Shape(ids)
+  i1 = Constant<value = int64 {1}>()
+  seq = Gather<axis=0>(s, i1)
+  z = Constant<value = int64[1,1] {0}>()
+  zs = Mul(z, seq)
+  c = Constant<value = int64[1,1] {7}>()
+  y1 = Add(c, zs)
+  y = Identity(y1)
+}""")
+    out = passes.run(passes.run(m, "fold-constants").model, "dce")
+    assert out.ops == ["Identity"]
+    passes.check(m, out.model, [{"ids": np.zeros((b, s), np.int64)} for b, s in ((1, 3), (2, 5))])
