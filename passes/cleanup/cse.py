@@ -40,7 +40,7 @@ def _mergeable(t: gs.Constant) -> bool:
 
 def _lazy_meta(t: gs.Constant) -> tuple:
     v = t._values
-    return (str(v.dtype), tuple(v.shape), str(t._export_dtype))
+    return (v.dtype, tuple(v.shape), t._export_dtype)
 
 
 def _cached(t: gs.Constant, key: str, fn):
