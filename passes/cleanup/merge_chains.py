@@ -91,11 +91,12 @@ class MergeChains(Pass):
                 if r is None:
                     continue
                 kind, apply = r
-                if not ctx.allow_rewrite(f"merge {first.op}->{node.op} {node.name}"):
+                pair = f"{first.op}+{node.op}"
+                if not ctx.allow_rewrite(f"merge {pair} {node.name}"):
                     return self._finish(graph, changed, stats, skipped)
                 apply()
                 stats[kind] += 1
-                stats[f"{first.op}+{node.op}"] = stats.get(f"{first.op}+{node.op}", 0) + 1
+                stats[pair] = stats.get(pair, 0) + 1
                 changed = True
         return self._finish(graph, changed, stats, skipped)
 
