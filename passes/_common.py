@@ -149,29 +149,46 @@ def input_shapes_pending(graph: gs.Graph, ctx) -> bool:
     return any(t.name in fixed and t.shape != [int(d) for d in fixed[t.name]] for t in graph.inputs)
 
 
-def ensure_shapes(graph: gs.Graph, ctx) -> None:
-    """Shapes and dtypes on the tensors of ``graph`` (cached per graph generation in ``ctx``).
+def shapes_derived(graph: gs.Graph) -> bool:
+    """True once :func:`ensure_shapes` derived the shapes of ``graph`` from its inputs.
 
-    The model's declared inputs and outputs keep their declared types and shapes: inference may know
-    more (a dim that is really static), but the interface of the model is not ours to change.
+    Until then, shapes on intermediate tensors come from the model's value_info, which may be stale
+    (an input made dynamic by editing the signature keeps its old static value_info): no pass may
+    fold or remove anything on the strength of those.
+    """
+    return bool(graph.__dict__.get("_graphopt_shapes_derived"))
+
+
+def ensure_shapes(graph: gs.Graph, ctx) -> None:
+    """Shapes and dtypes on the tensors of ``graph``, derived from the declared inputs (cached per
+    graph generation in ``ctx``).
+
+    The first time, shapes and dtypes of intermediate tensors imported from value_info are dropped and
+    inferred again from the inputs; passes keep the shapes of the tensors they keep valid, so later
+    calls only fill in new tensors.  The declared inputs and outputs of every graph keep their
+    declared types and shapes: inference may know more (a dim that is really static), but the
+    interface of the model is not ours to change.
     """
     from graphopt.shapes import infer_shapes
 
-    if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
+    if ctx is not None and ctx.cache.get("shapes_inferred") is graph and shapes_derived(graph):
         return
-    if apply_input_shapes(graph, ctx):
-        # dims inferred from the dynamic signature are stale now: infer them again from scratch
-        io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    if apply_input_shapes(graph, ctx) or not shapes_derived(graph):
+        io = {id(t) for g in all_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
         for g in all_graphs(graph):
             for t in g.tensors().values():
                 if isinstance(t, gs.Variable) and id(t) not in io:
                     t.shape = None
+                    t.dtype = None
     saved = [(t, t.dtype, None if t.shape is None else list(t.shape)) for t in list(graph.inputs) + list(graph.outputs)]
     try:
+        if ctx is not None:
+            ctx.cache.pop("shapes_inferred", None)
         infer_shapes(graph, ctx)
     finally:
         for t, dt, sh in saved:
             t.dtype, t.shape = dt, sh
+    graph.__dict__["_graphopt_shapes_derived"] = True
 
 
 def squeeze_axes(node: gs.Node, opset: int) -> list[int] | None:

@@ -73,8 +73,10 @@ class MergeChains(Pass):
         pairs = [(n, n.inputs[0].inputs[0]) for g in graphs for n in g.nodes
                  if n.op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast") and n.inputs and n.inputs[0].inputs
                  and (n.domain or "") in ("", "ai.onnx")]
-        if C.input_shapes_pending(graph, ctx) or any(n.op == "Cast" and f.op == "Cast" and C.np_dtype(f.inputs[0]) is None for n, f in pairs if f.inputs) or \
-                any({n.op, f.op} == {"Squeeze", "Unsqueeze"} for n, f in pairs):
+        derived = C.shapes_derived(graph)
+        if C.input_shapes_pending(graph, ctx) or \
+                any(n.op == "Cast" and f.op == "Cast" and (not derived or C.np_dtype(f.inputs[0]) is None) for n, f in pairs if f.inputs) or \
+                any({n.op, f.op} == {"Squeeze", "Unsqueeze"} and (not derived or C.shape_of(f.outputs[0]) is None) for n, f in pairs):
             C.ensure_shapes(graph, ctx)
         opset = int(graph.opset)
         changed = False

@@ -235,7 +235,8 @@ class EliminateNoops(Pass):
         stats: dict[str, int] = {"removed": 0}
         skipped: list[str] = []
         graphs = list(C.all_graphs(graph))
-        if C.input_shapes_pending(graph, ctx) or any(_needs_shapes(n) for g in graphs for n in g.nodes):
+        derived = C.shapes_derived(graph)
+        if C.input_shapes_pending(graph, ctx) or any(_needs_shapes(n, derived) for g in graphs for n in g.nodes):
             C.ensure_shapes(graph, ctx)
         self._all_outputs = {id(t) for g in graphs for t in g.outputs}
         self._stop = False
@@ -297,19 +298,21 @@ class EliminateNoops(Pass):
         return changed
 
 
-def _needs_shapes(node: gs.Node) -> bool:
-    """Would shape inference let a check succeed that cannot now?"""
+def _needs_shapes(node: gs.Node, derived: bool) -> bool:
+    """Does a check on this node depend on shapes/dtypes that are unknown, or not yet derived from the
+    inputs (imported value_info may be stale)?"""
     op = node.op
     if not node.inputs or C.is_omitted(node.inputs[0]):
         return False
     if op == "Cast":
-        return C.np_dtype(node.inputs[0]) is None
+        return not derived or C.np_dtype(node.inputs[0]) is None
     if op in ("Reshape", "Flatten", "Squeeze", "Expand", "Slice") or (op == "Transpose" and "perm" not in node.attrs):
-        return C.shape_of(node.inputs[0]) is None
+        return not derived or C.shape_of(node.inputs[0]) is None
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         neutral = 0 if op in ("Add", "Sub") else 1
         for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-            if isinstance(c, gs.Constant) and int(np.prod(c.shape)) <= 16 and (C.shape_of(x) is None or C.np_dtype(x) is None):
+            if isinstance(c, gs.Constant) and int(np.prod(c.shape)) <= 16 and \
+                    (not derived or C.shape_of(x) is None or C.np_dtype(x) is None):
                 if bool(np.all(np.asarray(c.values) == neutral)):
                     return True
     return False

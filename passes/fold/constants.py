@@ -158,7 +158,8 @@ class FoldConstants(Pass):
     def _needs_shapes(graph: gs.Graph) -> bool:
         for g in C.all_graphs(graph):
             for n in g.nodes:
-                if n.op in _SHAPE_OPS and n.inputs and not _is_const(n.inputs[0]) and C.shape_of(n.inputs[0]) is None:
+                if n.op in _SHAPE_OPS and n.inputs and not _is_const(n.inputs[0]) and \
+                        (C.shape_of(n.inputs[0]) is None or not C.shapes_derived(graph)):
                     return True
         return False
 

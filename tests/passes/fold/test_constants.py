@@ -259,3 +259,18 @@ g (int64[B,S] ids) => (int64[1,1] y) {
     out = passes.run(passes.run(m, "fold-constants").model, "dce")
     assert out.ops == ["Identity"]
     passes.check(m, out.model, [{"ids": np.zeros((b, s), np.int64)} for b, s in ((1, 3), (2, 5))])
+
+
+def test_stale_value_info_is_not_trusted(passes):
+    """An input made dynamic by editing the signature keeps its old static value_info downstream."""
+    m = passes.parse(HEAD + """
+g (float[N,3] x) => (int64[2] y) {
+  r = Relu(x)
+  y = Shape(r)
+}""")
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 3]))
+    for name in ("fold-constants", "eliminate-noops"):
+        out = passes.run(m, name)
+        assert "Shape" in out.ops
+    out = passes.run(m, "fold-constants")
+    passes.check(m, out.model, [{"x": np.zeros((n, 3), np.float32)} for n in (1, 4)])
