@@ -15,13 +15,12 @@ import numpy as np
 import onnx
 
 from . import ir
-from .data import Feeds, calibration_source, generate_feeds, load_feeds
+from .data import CannotGenerate, Feeds, calibration_source, generate_feeds, load_feeds
 from .errors import InputError, PipelineError, VerificationError
-from .manager import Instrument, PassManager
+from .manager import Instrument, PassCrashed, PassManager
 from .pass_base import Budget, PassContext, load_plugin
 from .pipeline import Pipeline, parse_pipeline
 from .report import Report, model_summary
-from .shapes import is_sorted
 from .verify import Verification, load_eval, verify_models
 
 
@@ -87,6 +86,7 @@ def optimize(
     min_cosine: float | None = None,
     rewrite_limit: int | None = None,
     plugins: Iterable[str] = (),
+    repro_dir: str | os.PathLike | None = None,
     instruments: Iterable[Instrument] = (),
     seed: int = 0,
     external_data: bool | None = None,
@@ -95,7 +95,10 @@ def optimize(
 
     ``passes`` is a preset (``"O0"``..``"O3"``) or a pipeline text.  ``verify`` is ``"end"`` (default),
     ``"each"`` (after every pass, rolling a failing pass back) or ``"off"``.  A failed verification raises
-    :class:`VerificationError` and writes nothing.  With ``output``, the model is written atomically.
+    :class:`VerificationError` and writes no model.  With ``output``, the model is written atomically.
+    A crash, a failed verification or a pass rolled back by ``verify="each"`` writes a reproducer folder
+    (``repro_dir``, by default ``<output stem>.repro`` beside the output; none without either) that
+    ``graphopt optimize --replay DIR`` re-runs.
     """
     t_start = time.perf_counter()
     for p in plugins:
@@ -112,13 +115,7 @@ def optimize(
         if out.resolve() == src_path.resolve():
             raise InputError(f"{out}: refusing to overwrite the input model; choose another -o")
     if output is not None:
-        folder = Path(output).parent
-        if not folder.exists():
-            raise InputError(f"{folder}: output folder does not exist")
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{folder}: output folder is not writable")
-        if Path(output).is_dir():
-            raise InputError(f"{output}: is a directory")
+        ir.check_writable(output)
 
     t0 = time.perf_counter()
     original = ir.load(model)
@@ -139,10 +136,16 @@ def optimize(
     )
     ctx.model_template = original
     ins = list(instruments)
-    if verify == "each":
-        from .trust import VerifyEachInstrument
+    from . import trust
 
-        ins.append(VerifyEachInstrument(original, feeds, shapes, seed))
+    repro = Path(repro_dir) if repro_dir is not None else (trust.default_repro_dir(output) if output is not None else None)
+    tracer: trust.TraceInstrument | None = None
+    if verify == "each":
+        tracer = trust.VerifyEachInstrument(original, feeds, shapes, seed, pipeline=pipeline)
+    elif repro is not None:
+        tracer = trust.TraceInstrument()  # records the passes run, for a reproducer
+    if tracer is not None:
+        ins.append(tracer)
     pm = PassManager(pipeline, ins)
     report = pm.report
     report.input = str(src_path) if src_path else type(model).__name__
@@ -150,35 +153,66 @@ def optimize(
         else ir.approx_size(original)
     report.before = model_summary(graph, size_before)
     t0 = time.perf_counter()
-    graph = pm.run(graph, ctx)
+    try:
+        graph = pm.run(graph, ctx)
+    except PassCrashed as e:
+        if tracer is not None and repro is not None and tracer.failures:
+            trust.record_failure(tracer, tracer.failures[-1], repro, original=original, feeds=feeds, ctx=ctx,
+                                 report=report, source=report.input)
+            e.args = (f"{e.args[0]}; reproducer: {repro}",)
+        trust.close(tracer)
+        raise
     t_passes = time.perf_counter() - t0
-    if not is_sorted(graph):  # gs.toposort costs as much as the import; passes mostly keep the order
-        graph.toposort()
+    ir.toposort(graph)
     optimized = ir.export_graph(graph, original)
     report.after = model_summary(graph, ir.approx_size(optimized))
     lossy = any(not p.exact for p in pm.passes)
 
     verification = None
     t0 = time.perf_counter()
+    vfeeds = feeds
+
+    def failed(msg: str) -> VerificationError:
+        """The error to raise; first writes a reproducer: the input model and the whole pipeline."""
+        if tracer is not None and repro is not None:
+            step = tracer.failures[0] if tracer.failures else trust.Failure(
+                "verification", "(the whole pipeline)", msg, 0, exact=not lossy, min_cosine=budget.min_cosine,
+                steps=[s.text for s in tracer.steps])
+            trust.record_failure(tracer, step, repro, original=original, feeds=vfeeds, ctx=ctx, report=report,
+                                 source=report.input)
+            msg += f" (reproducer: {repro})"
+        trust.close(tracer)
+        return VerificationError(msg, report.to_dict())
+
     if verify != "off":
         try:
             ir.check_model(optimized, "optimized model")
         except InputError as e:
             report.verification = {"status": "failed", "reason": str(e)}
-            raise VerificationError(f"verification failed: {e}", report.to_dict()) from None
-        vfeeds = feeds
+            raise failed(f"verification failed: {e}") from None
         if vfeeds is None and lossy and calib is not None:
             vfeeds = [f for _, f in zip(range(4), calib())]
-        if vfeeds is None:
-            vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
-        verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald)
+        try:
+            if vfeeds is None:
+                vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
+            ref_outs = None
+            if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
+                vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
+            verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
+                                         reference_outputs=ref_outs)
+        except CannotGenerate as e:  # e.g. a sequence of unknown-rank tensors: say so, don't refuse the model
+            verification = Verification("not-verified", str(e), exact=not lossy)
         report.verification = verification.to_dict()
         if verification.status == "failed":
-            raise VerificationError(f"verification failed: {verification.reason}", report.to_dict())
+            raise failed(f"verification failed: {verification.reason}")
         if verification.status == "not-verified" and strict:
             raise VerificationError(f"not verified ({verification.reason}) and --strict is on", report.to_dict())
     else:
         report.verification = {"status": "off"}
+    if tracer is not None and tracer.failures and repro is not None:  # --verify each rolled a pass back
+        trust.record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
+                             report=report, source=report.input)
+    trust.close(tracer)
     t_verify = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -188,6 +222,8 @@ def optimize(
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}
+    if isinstance(tracer, trust.VerifyEachInstrument):  # included in "passes"
+        report.seconds["verify_each"] = tracer.seconds
     return OptimizeResult(optimized, report, verification, out_path)
 
 

@@ -99,7 +99,7 @@ def _lossy_sugar(passes: str, quantize: str | None, prune: tuple[str, ...]) -> s
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str), required=False)
 @click.option("-o", "--output", type=click.Path(path_type=str), required=False, help="Where to write the optimized model.")
 @click.option("-O", "level", type=click.Choice(["0", "1", "2", "3"]), default=None, help="Preset: -O0 nothing, -O1 cleanup, -O2 portable fusions (default), -O3 onnxruntime fusions.")
 @click.option("--passes", "pipeline", default=None, help="A pipeline, e.g. 'fold-constants{size-limit=1MiB},dce,fixpoint(fuse-conv-bn,dce)'.")
@@ -117,13 +117,22 @@ def _lossy_sugar(passes: str, quantize: str | None, prune: tuple[str, ...]) -> s
 @click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity of each output with the original.")
 @click.option("--rewrite-limit", type=int, default=None, help="Stop after N rewrites (for bisection).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repro-dir", type=click.Path(path_type=str), default=None, help="Where to write a reproducer on a crash, failed verification or rollback (default: OUTPUT stem + .repro).")
+@click.option("--replay", type=click.Path(path_type=str), default=None, help="Re-run the failing step of a reproducer folder (no MODEL).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, output, level, pipeline, inputs, input_shape, verify_mode, strict, report, plugins, quantize, prune,
-             calibration, eval_data, max_accuracy_drop, min_cosine, rewrite_limit, seed, quiet, debug) -> None:
+             calibration, eval_data, max_accuracy_drop, min_cosine, rewrite_limit, seed, repro_dir, replay, quiet, debug) -> None:
     """Optimize MODEL, verify it against the original, and write it to -o."""
     from . import api
 
+    if replay is not None:
+        from .trust import replay_cli
+
+        replay_cli(replay, model, output, _console())
+        return
+    if model is None:
+        raise InputError("missing MODEL (or --replay DIR)")
     if output is None:
         raise InputError("missing -o/--output (graphopt never overwrites its input)")
     if level is not None and pipeline is not None:
@@ -139,7 +148,7 @@ def optimize(model, output, level, pipeline, inputs, input_shape, verify_mode, s
         res = api.optimize(
             model, passes, output=output, inputs=inputs, input_shapes=_input_shapes(input_shape), verify=verify_mode,
             strict=strict, calibration=calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
-            min_cosine=min_cosine, rewrite_limit=rewrite_limit, seed=seed,
+            min_cosine=min_cosine, rewrite_limit=rewrite_limit, seed=seed, repro_dir=repro_dir,
         )
     except VerificationError as e:
         if report and e.report is not None:
@@ -227,9 +236,10 @@ def inspect(model, as_json, debug) -> None:
 @click.option("--input-shape", multiple=True)
 @click.option("--min-cosine", type=float, default=None, help="Compare to a budget instead of the exact tolerance.")
 @click.option("--seed", type=int, default=0)
+@click.option("--intermediates", is_flag=True, help="Also compare the tensors both models share by name; report the first node that diverges.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--debug", is_flag=True)
-def verify(a, b, inputs, input_shape, min_cosine, seed, as_json, debug) -> None:
+def verify(a, b, inputs, input_shape, min_cosine, seed, intermediates, as_json, debug) -> None:
     """Compare model B with model A on the same inputs (exit 1 if they differ)."""
     from . import api
     from .pass_base import Budget
@@ -237,12 +247,26 @@ def verify(a, b, inputs, input_shape, min_cosine, seed, as_json, debug) -> None:
     exact = min_cosine is None
     v = api.verify(a, b, inputs=inputs, input_shapes=_input_shapes(input_shape), exact=exact,
                    budget=Budget(min_cosine=min_cosine) if min_cosine is not None else None, seed=seed)
+    div = None
+    if intermediates:
+        from .trust import divergence_between
+
+        div = divergence_between(a, b, inputs=inputs, input_shapes=_input_shapes(input_shape), min_cosine=min_cosine, seed=seed)
     if as_json:
-        click.echo(json.dumps(v.to_dict(), indent=2))
+        d = v.to_dict()
+        if div is not None:
+            from .trust import divergence_json
+
+            d["intermediates"] = divergence_json(div)
+        click.echo(json.dumps(d, indent=2))
     else:
         from .summary import print_verification
 
         print_verification(v, _console())
+        if div is not None:
+            from .trust import print_divergence
+
+            print_divergence(div, _console())
     if v.status == "failed":
         sys.exit(1)
 

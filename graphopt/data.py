@@ -158,32 +158,61 @@ def generate_feeds(model: onnx.ModelProto, *, seed: int = 0, input_shapes: dict[
     unknown = set(fixed) - {s.name for s in specs}
     if unknown:
         raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))} (inputs: {', '.join(s.name for s in specs)})")
+    value_infos = {vi.name: vi for vi in model.graph.input}
     feeds_list = []
     for _ in range(count):
         symbols: dict[str, int] = {}
         feeds: Feeds = {}
         for spec in specs:
             if spec.elem_type == 0:
-                raise InputError(f"input '{spec.name}' is not a tensor (sequence/map inputs need --inputs)")
-            shape = resolve_shape(spec, fixed, symbols)
-            dt = spec.dtype
-            if dt is None:
-                raise InputError(f"input '{spec.name}' has a data type graphopt cannot generate; give --inputs")
-            if dt == np.dtype(object):
-                feeds[spec.name] = rng.choice(np.array(["a", "b", "graphopt"], dtype=object), size=shape)
-            elif dt.kind == "b":
-                feeds[spec.name] = rng.random(shape) < 0.5
-            elif dt.kind in "iu":
-                lo, hi = ranges.get(spec.name, (0, 3))
-                feeds[spec.name] = rng.integers(lo, max(hi, lo + 1), size=shape).astype(dt)
-            elif dt.kind == "f":
-                feeds[spec.name] = rng.standard_normal(shape).astype(dt)
-            elif dt.kind == "c":
-                feeds[spec.name] = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dt)
-            else:
-                raise InputError(f"input '{spec.name}': cannot generate dtype {dt}; give --inputs")
+                feeds[spec.name] = _generate_value(spec.name, value_infos[spec.name].type, rng, fixed, symbols, ranges)
+                continue
+            feeds[spec.name] = _generate_tensor(spec, rng, fixed, symbols, ranges)
         feeds_list.append(feeds)
     return feeds_list
+
+
+class CannotGenerate(InputError):
+    """The signature does not say enough to make an input (a sequence of unknown-rank tensors, a map):
+    ``--input-shape`` cannot help; the model can still be optimized, just not verified on made-up data."""
+
+
+SEQUENCE_LENGTH = 2  # elements in a generated sequence input (all of one shape, so Concat-like uses work)
+
+
+def _generate_value(name: str, tp: onnx.TypeProto, rng, fixed, symbols, ranges) -> Any:
+    """A sequence (a list of ``SEQUENCE_LENGTH`` tensors) or an optional (a present value) input,
+    in the form onnxruntime takes."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        spec = _spec(helper.make_value_info(name, tp))
+        if spec.shape is None:
+            raise CannotGenerate(f"input '{name}' holds tensors of unknown rank; give --inputs to verify")
+        return _generate_tensor(spec, rng, fixed, symbols, ranges)
+    if kind == "sequence_type":
+        return [_generate_value(name, tp.sequence_type.elem_type, rng, fixed, symbols, ranges) for _ in range(SEQUENCE_LENGTH)]
+    if kind == "optional_type":
+        return _generate_value(name, tp.optional_type.elem_type, rng, fixed, symbols, ranges)
+    raise CannotGenerate(f"input '{name}' is a {(kind or 'untyped value').replace('_type', '')}; graphopt cannot generate it, give --inputs to verify")
+
+
+def _generate_tensor(spec: InputSpec, rng, fixed, symbols, ranges) -> np.ndarray:
+    shape = resolve_shape(spec, {} if spec.name not in fixed else fixed, symbols)
+    dt = spec.dtype
+    if dt is None:
+        raise InputError(f"input '{spec.name}' has a data type graphopt cannot generate; give --inputs")
+    if dt == np.dtype(object):
+        return rng.choice(np.array(["a", "b", "graphopt"], dtype=object), size=shape)
+    if dt.kind == "b":
+        return rng.random(shape) < 0.5
+    if dt.kind in "iu":
+        lo, hi = ranges.get(spec.name, (0, 3))
+        return rng.integers(lo, max(hi, lo + 1), size=shape).astype(dt)
+    if dt.kind == "f":
+        return rng.standard_normal(shape).astype(dt)
+    if dt.kind == "c":
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dt)
+    raise InputError(f"input '{spec.name}': cannot generate dtype {dt}; give --inputs")
 
 
 def load_feeds(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> Feeds:

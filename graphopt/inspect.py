@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import ir
@@ -64,7 +65,7 @@ def print_inspection(info: dict[str, Any], console: Console) -> None:
     for kind in ("inputs", "outputs"):
         for s in info[kind]:
             shape = "?" if s["shape"] is None else "[" + ",".join("?" if d is None else str(d) for d in s["shape"]) + "]"
-            t.add_row(kind[:-1], s["name"], s["dtype"], shape)
+            t.add_row(kind[:-1], escape(s["name"]), s["dtype"], escape(shape))
     console.print(t)
     console.print(f"nodes {info['nodes']}, initializers {info['initializers']}, parameters {info['parameters']:,}, "
                   f"weights {human_bytes(info['weight_bytes'])}, model {human_bytes(info['model_bytes'])}")
@@ -72,5 +73,5 @@ def print_inspection(info: dict[str, Any], console: Console) -> None:
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, c in info["ops"].items():
-        ops.add_row(op, str(c))
+        ops.add_row(escape(op), str(c))
     console.print(ops)

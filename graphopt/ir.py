@@ -16,7 +16,9 @@ from typing import Union
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import lineage
 from .errors import InputError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -94,15 +96,15 @@ def check_model(model: onnx.ModelProto, what: str = "model", path: Path | None =
     ``path``: the file ``model`` was parsed from (no external data); the checker then reads it in C++
     instead of re-serializing the model in Python (which costs as much as saving it).
     """
+    check_structure(model.graph, what)  # first: its messages are more specific than the checker's
     try:
         if path is not None and path.stat().st_size < _SIZE_LIMIT:
             onnx.checker.check_model(str(path))
         elif approx_size(model) < _SIZE_LIMIT:
             onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
-    check_structure(model.graph, what)
 
 
 def check_structure(graph: onnx.GraphProto, what: str = "model", outer: set[str] | None = None) -> None:
@@ -169,57 +171,193 @@ def _outer_refs(g: onnx.GraphProto) -> set[str]:
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``.
-
-    gs drops graph inputs that also have an initializer.  From IR version 4 on such an input is a
-    default the user may override, so it comes back as a graph input (a ``gs.Variable``: no pass may
-    treat it as constant) and :func:`export_graph` writes its default back.  Before IR 4 every
-    initializer had to be listed as an input; those stay constants and are listed again on export.
-    """
+    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
     try:
         graph = gs.import_onnx(model)
     except Exception as e:  # gs raises plain exceptions on odd models
         raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
-    inits = {t.name for t in model.graph.initializer}
-    overridable = [i for i in model.graph.input if i.name in inits]
-    if overridable and model.ir_version >= 4:
-        tensors = graph.tensors()
-        protos = {t.name: t for t in model.graph.initializer}
-        defaults = {}
-        order = [i.name for i in model.graph.input]
-        for vi in overridable:
-            t = tensors.get(vi.name)
-            if isinstance(t, gs.Constant):
-                dtype = t.export_dtype
-                shape = list(t.shape)
-                t.to_variable(dtype=dtype, shape=shape)
-                t.type = "tensor_type"
-            elif t is None:
-                t = gs.Variable(vi.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(protos[vi.name].data_type),
-                                shape=list(protos[vi.name].dims))
-            defaults[vi.name] = protos[vi.name]
-            graph.inputs.append(t)
-        rank = {n: i for i, n in enumerate(order)}
-        graph.inputs.sort(key=lambda t: rank.get(t.name, len(rank)))
-        graph._graphopt_input_defaults = defaults  # read back by export_graph
+    _import_what_gs_skips(model.graph, graph, model.ir_version)
+    lineage.from_proto(graph, model.graph)  # which pass made each node, if graphopt wrote this model
     return graph
+
+
+def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
+    """Put back what ``gs.import_onnx`` leaves out.
+
+    * Attributes of type TYPE_PROTO(S) (``Optional``'s ``type``): gs skips them with a warning, which
+      turns a valid model invalid.  ``onnx.helper.make_attribute`` (used by gs's exporter) writes a
+      ``TypeProto`` back correctly, so they are stored in ``node.attrs`` as ``TypeProto`` values.
+    * Initializers listed as graph inputs: gs turns them into constants and drops them from the
+      inputs.  From IR 4 on they are overridable inputs with a default value, so they are imported as
+      Variable graph inputs (passes must not fold or fuse them); under IR 3, where every initializer
+      must be listed, they stay constants, and the unused ones stay graph inputs.
+    """
+    if len(proto.node) == len(graph.nodes):
+        for pn, gn in zip(proto.node, graph.nodes):
+            if pn.op_type != gn.op:
+                break
+            for a in pn.attribute:
+                if a.type == onnx.AttributeProto.TYPE_PROTO and a.name not in gn.attrs:
+                    gn.attrs[a.name] = a.tp
+                elif a.type == onnx.AttributeProto.TYPE_PROTOS and a.name not in gn.attrs:
+                    gn.attrs[a.name] = list(a.type_protos)
+                elif a.type == onnx.AttributeProto.GRAPH and isinstance(gn.attrs.get(a.name), gs.Graph):
+                    _import_what_gs_skips(a.g, gn.attrs[a.name], ir_version)
+    inits = {t.name: t for t in proto.initializer}
+    listed = [vi for vi in proto.input if vi.name in inits]
+    if not listed:
+        return
+    have = graph.tensors()
+    if ir_version >= 4:
+        # An initializer that is also a graph input is an overridable default: the caller may feed it.
+        # It must stay an input that passes see as such (not folded, not fused into a neighbour), so it
+        # becomes a Variable graph input; export_graph writes its default value back.
+        replace: dict[int, gs.Variable] = {}
+        for vi in listed:
+            old = have.get(vi.name)
+            var = gs.Variable(vi.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(inits[vi.name].data_type),
+                              shape=list(inits[vi.name].dims))
+            if old is not None:
+                replace[id(old)] = var
+            graph.inputs.append(var)
+        if replace:
+            for g in _all_graphs(graph):
+                for node in g.nodes:
+                    for i, t in enumerate(node.inputs):
+                        if id(t) in replace:
+                            node.inputs[i] = replace[id(t)]
+                for i, t in enumerate(g.outputs):
+                    if id(t) in replace:
+                        g.outputs[i] = replace[id(t)]
+        return
+    for vi in listed:  # IR 3: every initializer is listed; keep the ones no node uses
+        if vi.name not in have:
+            graph.inputs.append(gs.Constant(vi.name, LazyValues(inits[vi.name])))
+
+
+# Value kinds onnx-graphsurgeon can write back; it crashes on the others (optional, map, opaque).
+_GS_EXPORTABLE = ("tensor_type", "sequence_type", "sparse_tensor_type")
+
+
+def _all_graphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for a in node.attrs.values():
+            if isinstance(a, gs.Graph):
+                yield from _all_graphs(a)
+
+
+def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx``, with tensors of kinds gs cannot export (optional, map) written untyped for
+    the moment: :func:`_restore_types` puts their types back from the template."""
+    hidden = []
+    for g in _all_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE:
+                hidden.append((t, t.dtype))
+                t.dtype = None
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, dtype in hidden:
+            t.dtype = dtype
+
+
+def _proto_graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from _proto_graphs(sg)
+
+
+def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give back the non-tensor types (sequence, optional, map) that gs drops or truncates (a sequence's
+    element shape), for graph inputs, outputs and value_info at every level.  Names are unique in a
+    model, so the template's entry of the same name is the one.  A type a pass set to a different kind
+    is left alone."""
+    typed: dict[str, onnx.ValueInfoProto] = {}
+    for g in _proto_graphs(template.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            kind = vi.type.WhichOneof("value")
+            if kind is not None and kind != "tensor_type":
+                typed.setdefault(vi.name, vi)
+    if not typed:
+        return
+
+    def fix(vi: onnx.ValueInfoProto) -> None:
+        ref = typed.get(vi.name)
+        if ref is None:
+            return
+        kind = vi.type.WhichOneof("value")
+        if kind is None or kind == ref.type.WhichOneof("value"):
+            vi.type.CopyFrom(ref.type)
+
+    for g in _proto_graphs(model.graph):
+        listed = set()
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            fix(vi)
+            listed.add(vi.name)
+        for n in g.node:
+            for o in n.output:
+                if o and o not in listed and o in typed:
+                    vi = g.value_info.add()
+                    vi.CopyFrom(typed[o])
+                    listed.add(o)
+
+
+def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Initializers listed as graph inputs: gs imports them as constants and drops them from the inputs.
+
+    IR < 4 requires every initializer to be a graph input (the checker refuses the model otherwise);
+    from IR 4 on, such an input is an overridable default and part of the signature.  Rebuild the input
+    list in the template's order, keeping the initializers that still exist.
+    """
+    g, tg = model.graph, template.graph
+    inits = {t.name: t for t in g.initializer}
+    t_inits = {t.name for t in tg.initializer}
+    listed_in_template = [vi for vi in tg.input if vi.name in t_inits]
+    if not listed_in_template and template.ir_version >= 4:
+        return
+    if template.ir_version >= 4:
+        # overridable inputs were imported as Variables: write their default values back
+        wanted = {vi.name for vi in listed_in_template} & {vi.name for vi in g.input}
+        for t in tg.initializer:
+            if t.name in wanted and t.name not in inits:
+                g.initializer.append(t)
+                inits[t.name] = t
+    current = {vi.name: vi for vi in g.input}
+    new: list[onnx.ValueInfoProto] = []
+    seen = set()
+    for vi in tg.input:
+        if vi.name in current:
+            new.append(current[vi.name])
+        elif vi.name in t_inits and vi.name in inits:
+            new.append(vi)
+        else:
+            continue
+        seen.add(vi.name)
+    new += [vi for vi in g.input if vi.name not in seen]
+    seen |= {vi.name for vi in g.input}
+    if template.ir_version < 4:  # initializers a pass created must be listed too
+        for t in g.initializer:
+            if t.name not in seen:
+                new.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                seen.add(t.name)
+    del g.input[:]
+    g.input.extend(new)
 
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    defaults = graph.__dict__.get("_graphopt_input_defaults") or {}  # (gs.Graph.__getattr__ logs misses)
-    if defaults:
-        have = {t.name for t in model.graph.initializer}
-        inputs = {i.name for i in model.graph.input}
-        model.graph.initializer.extend(t for n, t in defaults.items() if n not in have and n in inputs)
-    if template is not None and template.ir_version < 4:
-        # IR < 4: every initializer must also be a graph input
-        inputs = {i.name for i in model.graph.input}
-        for t in model.graph.initializer:
-            if t.name not in inputs:
-                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model = _gs_export(graph)
+    lineage.to_proto(graph, model.graph)  # node metadata: the pass that created or changed it
     if template is not None:
+        _restore_types(model, template)
+        _restore_initializer_inputs(model, template)
         model.ir_version = template.ir_version
         model.producer_name = template.producer_name
         model.producer_version = template.producer_version
@@ -246,6 +384,36 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     # gs exports value_info for every intermediate it knows a dtype or shape of; a dtype without a
     # shape or vice versa is fine for onnx.
     return model
+
+
+def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:
+    used = []
+    for a in node.attrs.values():
+        if isinstance(a, gs.Graph):
+            for g in _all_graphs(a):
+                for n in g.nodes:
+                    used.extend(n.inputs)
+    return used
+
+
+def is_topologically_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the producers of what it (and its subgraphs) reads."""
+    mine = {id(n) for n in graph.nodes}
+    done: set[int] = set()
+    for node in graph.nodes:
+        for t in list(node.inputs) + _subgraph_uses(node):
+            for p in t.inputs:
+                if id(p) in mine and id(p) not in done:
+                    return False
+        done.add(id(node))
+    return True
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Order the nodes topologically, keeping a valid order as it is (gs's toposort reorders any
+    graph, so a no-pass round trip would shuffle the nodes of the user's model)."""
+    if not is_topologically_sorted(graph):
+        graph.toposort()
 
 
 def graph_opset(graph: gs.Graph) -> int:
@@ -288,15 +456,12 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory")
-    if not folder.exists():
-        raise InputError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{folder}: output folder is not writable")
+    folder = check_writable(path)
     big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as e:
+        raise InputError(f"{folder}: cannot write there: {e.strerror}") from None
     try:
         staged = staging / path.name
         if big:
@@ -313,3 +478,20 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, with one line, if ``path`` cannot be written (probing for real: root ignores modes)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if not folder.exists():
+        raise InputError(f"{folder}: output folder does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from None
+    return folder

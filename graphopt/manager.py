@@ -11,6 +11,7 @@ from typing import Iterable
 
 import onnx_graphsurgeon as gs
 
+from . import lineage
 from .errors import GraphoptError, PipelineError
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import Element, Fixpoint, PassSpec, Pipeline, PresetRef, format_pass, parse_pipeline
@@ -126,6 +127,7 @@ class PassManager:
             ins.before_pass(p, graph, ctx)
         hist0 = op_histogram(graph)
         bytes0 = constant_bytes(graph)
+        sigs = lineage.snapshot(graph)
         ctx.current_pass = p.name
         t0 = time.perf_counter()
         try:
@@ -137,7 +139,8 @@ class PassManager:
                 g = ins.on_crash(p, graph, ctx, e)
                 if g is not None:
                     rec = PassRecord(n.text, False, time.perf_counter() - t0, sum(hist0.values()), sum(hist0.values()),
-                                     bytes0, bytes0, iteration=it, status="crashed", detail=f"{type(e).__name__}: {e}")
+                                     bytes0, bytes0, iteration=it, status="crashed",
+                                     detail=f"{type(e).__name__}: {e} (rolled back)")
                     self.report.passes.append(rec)
                     return g, False
             raise PassCrashed(p.name, e) from e
@@ -165,6 +168,7 @@ class PassManager:
         )
         if result.changed:
             ctx.cache.clear()  # analyses of the old graph are stale
+            lineage.mark(graph, sigs, p.name)
         self.report.passes.append(rec)
         for ins in self.instruments:
             g = ins.after_pass(p, graph, ctx, rec)

@@ -152,16 +152,16 @@ class PassContext:
 
     def run_graph(self, graph: gs.Graph, feeds: dict[str, "np.ndarray"], outputs: list[str] | None = None):
         """Run ``graph`` with onnxruntime (optimizations off) and return {name: array}."""
-        from . import verify
+        from .verify import run_model  # not `from . import verify`: graphopt.verify is also the API function
 
         model = self.to_model(graph)
-        return verify.run_model(model, feeds, outputs=outputs)
+        return run_model(model, feeds, outputs=outputs)
 
     def session(self, model, *, extra_outputs: list[str] | None = None):
         """A reusable runner for ``model`` (ModelProto); see :class:`graphopt.verify.Runner`."""
-        from . import verify
+        from .verify import Runner
 
-        return verify.Runner(model, extra_outputs=extra_outputs)
+        return Runner(model, extra_outputs=extra_outputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +208,9 @@ def load_builtin_passes() -> None:
         print(f"graphopt: warning: could not load a 'graphopt.passes' entry point: {e}", file=sys.stderr)
 
 
+LOADED_PLUGINS: list[str] = []  # what load_plugin loaded (files as absolute paths), for reproducers
+
+
 def load_plugin(spec: str) -> None:
     """Import a module (dotted name) or a ``.py`` file that registers passes."""
     try:
@@ -223,8 +226,12 @@ def load_plugin(spec: str) -> None:
             mod = importlib.util.module_from_spec(s)
             sys.modules[mod_name] = mod
             s.loader.exec_module(mod)
+            if str(path.resolve()) not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(str(path.resolve()))
         else:
             importlib.import_module(spec)
+            if spec not in LOADED_PLUGINS:
+                LOADED_PLUGINS.append(spec)
     except InputError:
         raise
     except PipelineError:

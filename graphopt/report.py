@@ -57,7 +57,7 @@ class PassRecord:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     iteration: int | None = None  # fixpoint iteration, 1-based
-    status: str = "ok"  # ok | rolled-back | error
+    status: str = "ok"  # ok | rolled-back (--verify each) | crashed (rolled back by --verify each)
     detail: str = ""
 
 
@@ -73,6 +73,7 @@ class Report:
     verification: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    reproducer: str | None = None  # folder written on a crash, failed verification or rollback
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -57,7 +57,9 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
 def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None) -> int:
     """Infer dtypes and shapes and write them onto the graph's tensors; returns how many were set.
 
-    Symbolic dims stay symbolic (strings).  Inference failures leave the graph as it is.
+    Symbolic dims stay symbolic (strings).  Inference failures leave the graph as it is.  The graph's
+    inputs and outputs keep their declared types (inference may invent names like ``unk__0`` for
+    unknown dims, or know a dim the model leaves open).
     """
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
         return 0
@@ -71,10 +73,11 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     n = 0
     tensors = graph.tensors()
+    io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
     for name, vi in infos.items():
         t = tensors.get(name)
-        if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type"):
-            continue
+        if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type") or id(t) in io:
+            continue  # the model's declared signature is not inference's to change
         tt = vi.type.tensor_type
         if tt.elem_type and t.dtype is None:
             t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .report import Report, human_bytes
@@ -32,13 +33,15 @@ def print_summary(report: Report, console: Console) -> None:
             stats = ", ".join(f"{k}={v}" for k, v in d["stats"].items() if v)
             top = d["skipped"].most_common(1)
             refusal = f"{top[0][0]} (x{top[0][1]})" if top else ""
-            pt.add_row(name, str(d["runs"]), f"{d['seconds'] * 1000:.0f} ms", stats, refusal[:80])
+            back = sum(1 for r in report.passes if r.name.split("{")[0] == name and r.status != "ok")
+            runs = str(d["runs"]) + (f" ([yellow]{back} rolled back[/yellow])" if back else "")
+            pt.add_row(name, runs, f"{d['seconds'] * 1000:.0f} ms", escape(stats), escape(refusal[:80]))
         console.print(pt)
     for n in report.notes:
-        console.print(f"note: {n}")
+        console.print(f"note: {escape(n)}")
     for r in report.passes:
         if r.status != "ok":
-            console.print(f"[yellow]{r.status}[/yellow]: {r.name}: {r.detail}")
+            console.print(f"[yellow]{r.status}[/yellow]: {escape(r.name)}: {escape(r.detail)}")
     v = report.verification or {}
     status = v.get("status", "off")
     if status == "passed":
@@ -46,14 +49,16 @@ def print_summary(report: Report, console: Console) -> None:
         acc = v.get("accuracy") or {}
         if acc:
             figs += f"; accuracy {acc.get('accuracy', 0):.4f} (was {acc.get('accuracy_ref', 0):.4f})"
-        console.print(f"verification: [green]passed[/green] ({v.get('backend')}, {v.get('samples')} sample(s){', lossy budget' if not v.get('exact', True) else ''}): {figs}")
+        console.print(f"verification: [green]passed[/green] ({v.get('backend')}, {v.get('samples')} sample(s){', lossy budget' if not v.get('exact', True) else ''}): {escape(figs)}")
     elif status == "not-verified":
-        console.print(f"verification: [yellow]not verified[/yellow]: {v.get('reason')}")
+        console.print(f"verification: [yellow]not verified[/yellow]: {escape(str(v.get('reason')))}")
     elif status == "off":
         console.print("verification: off")
     s = report.seconds
     if s:
-        console.print(f"time: {s.get('total', 0):.2f} s (passes {s.get('passes', 0):.2f} s, verify {s.get('verify', 0):.2f} s)"
+        console.print(f"time: {s.get('total', 0):.2f} s (passes {s.get('passes', 0):.2f} s"
+                      + (f" of which verify-each {s['verify_each']:.2f} s" if "verify_each" in s else "")
+                      + f", verify {s.get('verify', 0):.2f} s)"
                       + (f"; wrote {report.output}" if report.output else ""))
 
 
@@ -69,8 +74,8 @@ def print_verification(v: Verification, console: Console) -> None:
     for c in ("output", "ok", "shape", "max_abs", "max_rel", "rel_l2", "cosine", "top1", "note"):
         t.add_column(c)
     for o in v.outputs:
-        t.add_row(o.name, "yes" if o.ok else "[red]no[/red]", str(o.shape_got), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                  f"{o.rel_l2:.3g}", f"{o.cosine:.6f}", "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", o.reason)
+        t.add_row(escape(o.name), "yes" if o.ok else "[red]no[/red]", escape(str(o.shape_got)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
+                  f"{o.rel_l2:.3g}", f"{o.cosine:.6f}", "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", escape(o.reason))
     console.print(t)
     colour = {"passed": "green", "failed": "red"}.get(v.status, "yellow")
-    console.print(f"[{colour}]{v.status}[/{colour}]" + (f": {v.reason}" if v.reason else "") + f" ({v.backend}, {v.samples} sample(s))")
+    console.print(f"[{colour}]{v.status}[/{colour}]" + (f": {escape(v.reason)}" if v.reason else "") + f" ({v.backend}, {v.samples} sample(s))")

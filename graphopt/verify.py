@@ -41,7 +41,7 @@ def session_options(level: str = "disable", threads: int = 1):
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, name, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors come back as exceptions, reported in one line
     return so
 
 
@@ -131,7 +131,17 @@ class Runner:
             vals = self._ref.run(names, feeds)  # type: ignore[union-attr]
         except Exception as e:
             raise RunError(f"onnxruntime: {self.fallback_reason}; onnx.reference: {_first_line(e)}") from None
-        return {n: np.asarray(v) for n, v in zip(names, vals)}
+        return {n: _as_output(v) for n, v in zip(names, vals)}
+
+
+def _as_output(v: Any) -> Any:
+    """The reference evaluator's value as onnxruntime gives it: a sequence stays a list of arrays (its
+    elements may differ in shape; np.asarray would stack or reject it), an empty optional stays None."""
+    if isinstance(v, (list, tuple)):
+        return [_as_output(x) for x in v]
+    if v is None or isinstance(v, dict):
+        return v
+    return np.asarray(v)
 
 
 def run_model(model: onnx.ModelProto, feeds: Feeds, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -33,8 +33,14 @@ class DeadCodeElimination(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        # One cleanup is one rewrite for the opt-bisect budget. Whether anything is dead is only known
+        # after cleanup, so check the budget first and count the rewrite once something was removed.
+        if ctx.rewrite_limit is not None and ctx.rewrites >= ctx.rewrite_limit:
+            return PassResult(False, skipped=["graph: rewrite limit reached"])
         n0, c0 = _count(graph)
         graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
         n1, c1 = _count(graph)
         changed = (n0, c0) != (n1, c1)
+        if changed:
+            ctx.allow_rewrite(f"remove {n0 - n1} dead node(s) and {c0 - c1} unused initializer(s)")
         return PassResult(changed, {"nodes_removed": n0 - n1, "initializers_removed": c0 - c1})

@@ -37,7 +37,7 @@ from . import _numpy_ops as K
 NEVER_FOLD = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-    "If", "Loop", "Scan", "SequenceEmpty", "SequenceConstruct", "SplitToSequence", "Optional",
+    "If", "Loop", "Scan",
 }
 GENERATORS = {"ConstantOfShape", "Range", "Expand", "Tile"}
 _FOLDABLE_DTYPES = K._NUMERIC
@@ -85,6 +85,12 @@ def evaluate_node(node: gs.Node, opset: int) -> list[np.ndarray]:
             res = make_session(model).run(None, {})
         except Exception:
             raise ref_err from None
+    for r in res:
+        # a sequence (list), an optional (None) or a map (dict) cannot become a tensor constant:
+        # np.asarray would silently turn a sequence of tensors into one stacked tensor
+        if not isinstance(r, (np.ndarray, np.generic)):
+            kind = {list: "sequence", tuple: "sequence", dict: "map", type(None): "empty optional"}.get(type(r), type(r).__name__)
+            raise ValueError(f"{node.op} produces a {kind}, not a tensor: only tensors fold into constants")
     return [np.asarray(r) for r in res]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from conftest import corpus_params
+from tests.conftest import corpus_params
 from graphopt import api
 from graphopt.pass_base import PassContext
 from graphopt import ir

@@ -1,0 +1,4 @@
+"""python -m graphopt: the graphopt command."""
+from .cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""Lineage: which pass created or last changed each node.
+
+The pass manager takes a cheap signature of every node before a pass and, when the pass reports a
+change, tags the nodes that are new or whose signature changed with the pass name.  The tags live on
+the ``gs.Node`` objects (onnx-graphsurgeon 0.6.1 nodes carry no metadata of their own) and go into
+``NodeProto.metadata_props`` on export (``graphopt.pass`` = the last pass that created or changed the
+node, ``graphopt.passes`` = the whole chain when more than one pass touched it).  ``metadata_props`` on
+nodes is part of ONNX since IR 10 / onnx 1.16; older readers keep it as an unknown field, onnx.checker
+and onnxruntime accept it at any IR version.  Import reads the tags back, so re-optimizing a model and
+restoring a snapshot keep the history.  Passes do nothing for lineage.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+KEY = "graphopt.pass"
+CHAIN_KEY = "graphopt.passes"
+_ATTR = "_graphopt_lineage"
+
+
+def all_nodes(graph: gs.Graph):
+    for n in graph.nodes:
+        yield n
+        for a in n.attrs.values():
+            if isinstance(a, gs.Graph):
+                yield from all_nodes(a)
+            elif isinstance(a, (list, tuple)):
+                for g in a:
+                    if isinstance(g, gs.Graph):
+                        yield from all_nodes(g)
+
+
+def _attr_key(v: Any) -> Any:
+    if isinstance(v, (int, float, str, bool, bytes)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple(_attr_key(x) for x in v)
+    return id(v)  # tensors, arrays, subgraphs: identity (a pass that replaces them makes a new object)
+
+
+def _signature(n: gs.Node) -> tuple:
+    return (
+        n.op,
+        n.domain,
+        tuple(id(t) for t in n.inputs),
+        # a Constant whose values were replaced in place (t.values = ...) counts as a change of its users
+        tuple(id(getattr(t, "_values", None)) for t in n.inputs if isinstance(t, gs.Constant)),
+        tuple(id(t) for t in n.outputs),
+        tuple((k, _attr_key(v)) for k, v in n.attrs.items()),
+    )
+
+
+def snapshot(graph: gs.Graph) -> dict[int, tuple[gs.Node, tuple]]:
+    """Node signatures before a pass. Holds the nodes so their ids cannot be reused during the pass."""
+    return {id(n): (n, _signature(n)) for n in all_nodes(graph)}
+
+
+def mark(graph: gs.Graph, before: dict[int, tuple[gs.Node, tuple]], pass_name: str) -> int:
+    """Tag the nodes that ``pass_name`` created or changed; returns how many."""
+    count = 0
+    for n in all_nodes(graph):
+        old = before.get(id(n))
+        if old is not None and old[0] is n and old[1] == _signature(n):
+            continue
+        chain = getattr(n, _ATTR, None) or []
+        if not chain or chain[-1] != pass_name:
+            setattr(n, _ATTR, chain + [pass_name])
+        count += 1
+    return count
+
+
+def passes_of(node: gs.Node) -> list[str]:
+    return list(getattr(node, _ATTR, None) or [])
+
+
+def _pairs(graph: gs.Graph, proto: onnx.GraphProto):
+    """(gs node, NodeProto) pairs, subgraphs included; the exporter and importer keep node order."""
+    if len(graph.nodes) != len(proto.node):
+        return
+    for n, p in zip(graph.nodes, proto.node):
+        yield n, p
+        pattrs = {a.name: a for a in p.attribute}
+        for k, v in n.attrs.items():
+            a = pattrs.get(k)
+            if a is None:
+                continue
+            if isinstance(v, gs.Graph) and a.type == onnx.AttributeProto.GRAPH:
+                yield from _pairs(v, a.g)
+            elif isinstance(v, (list, tuple)) and a.type == onnx.AttributeProto.GRAPHS:
+                for sg, gp in zip(v, a.graphs):
+                    if isinstance(sg, gs.Graph):
+                        yield from _pairs(sg, gp)
+
+
+def to_proto(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Write the tags of ``graph``'s nodes into the exported ``proto`` (metadata_props)."""
+    for n, p in _pairs(graph, proto):
+        chain = getattr(n, _ATTR, None)
+        if not chain:
+            continue
+        keep = [e for e in p.metadata_props if e.key not in (KEY, CHAIN_KEY)]
+        del p.metadata_props[:]
+        p.metadata_props.extend(keep)
+        p.metadata_props.add(key=KEY, value=chain[-1])
+        if len(chain) > 1:
+            p.metadata_props.add(key=CHAIN_KEY, value=",".join(chain))
+
+
+def from_proto(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Read tags written by :func:`to_proto` back onto the imported ``graph``."""
+    for n, p in _pairs(graph, proto):
+        if not len(p.metadata_props):
+            continue
+        meta = {e.key: e.value for e in p.metadata_props}
+        if CHAIN_KEY in meta:
+            setattr(n, _ATTR, [x for x in meta[CHAIN_KEY].split(",") if x])
+        elif KEY in meta:
+            setattr(n, _ATTR, [meta[KEY]])
+
+
+def of_model(model: onnx.ModelProto) -> dict[str, str]:
+    """{node name: last pass} for the top-level nodes of an exported model (for reports and tests)."""
+    out = {}
+    for p in model.graph.node:
+        for e in p.metadata_props:
+            if e.key == KEY:
+                out[p.name or p.output[0]] = e.value
+    return out

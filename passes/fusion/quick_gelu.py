@@ -1,0 +1,102 @@
+"""``fuse-quick-gelu``: ``x * Sigmoid(alpha * x)`` -> onnxruntime ``com.microsoft.QuickGelu(alpha)``.
+
+Target-specific (-O3).  CLIP-style QuickGELU has alpha = 1.702; plain SiLU/Swish (``x * Sigmoid(x)``,
+EfficientNet) is the same op with alpha = 1.0.  float32 only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt.rewrite import derived_name
+
+from ._ort import MS_DOMAIN, clear, escapes, is_float32, only_consumer, op_of, other_input, scalar
+
+
+@dataclass
+class QuickGeluMatch:
+    x: gs.Tensor
+    alpha: float
+    out: gs.Tensor
+    nodes: list[gs.Node]
+    anchor: gs.Node
+
+
+def match(sig: gs.Node) -> QuickGeluMatch | None:
+    inp = sig.inputs[0]
+    x, alpha, nodes = inp, 1.0, [sig]
+    m = op_of(inp, "Mul")
+    if m is not None:
+        for i in (0, 1):
+            a = scalar(m.inputs[1 - i])
+            if a is not None and not isinstance(m.inputs[i], gs.Constant):
+                x, alpha, nodes = m.inputs[i], a, [m, sig]
+                break
+    u = only_consumer(sig.outputs[0])
+    if u is None or u.op != "Mul" or other_input(u, sig.outputs[0]) is not x:
+        if x is not inp:  # maybe the Mul is part of the gated input, not a QuickGELU scale: try alpha = 1
+            x, alpha, nodes = inp, 1.0, [sig]
+            if u is None or u.op != "Mul" or other_input(u, sig.outputs[0]) is not x:
+                return None
+        else:
+            return None
+    return QuickGeluMatch(x, alpha, u.outputs[0], nodes + [u], sig)
+
+
+def check(graph: gs.Graph, m: QuickGeluMatch) -> str | None:
+    name = m.anchor.name or "Sigmoid"
+    if not is_float32(m.x):
+        return f"{name}: only float32 is fused"
+    why = escapes(graph, m.nodes, keep=[m.out])
+    return f"{name}: {why}" if why else None
+
+
+def rewrite(graph: gs.Graph, m: QuickGeluMatch) -> gs.Node:
+    out = m.out
+    clear(m.nodes)
+    node = gs.Node("QuickGelu", name=derived_name(graph, m.anchor.name or "quick_gelu", "QuickGelu"), domain=MS_DOMAIN,
+                   attrs={"alpha": float(m.alpha)}, inputs=[m.x], outputs=[out])
+    graph.nodes.append(node)
+    return node
+
+
+@register_pass
+class FuseQuickGelu(Pass):
+    name = "fuse-quick-gelu"
+    description = "x * Sigmoid(alpha * x) (QuickGELU, SiLU) -> com.microsoft.QuickGelu (onnxruntime only)"
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from graphopt.shapes import infer_shapes
+
+        stats = {"matched": 0, "rewritten": 0}
+        skipped: list[str] = []
+        sigs = [n for n in graph.nodes if n.op == "Sigmoid" and (n.domain or "") in ("", "ai.onnx")]
+        if not sigs:
+            return PassResult(False, stats)
+        infer_shapes(graph, ctx)
+        for s in sigs:
+            if not s.inputs or not s.outputs:
+                continue
+            m = match(s)
+            if m is None:
+                continue
+            stats["matched"] += 1
+            reason = check(graph, m)
+            if reason:
+                skipped.append(reason)
+                continue
+            if not ctx.allow_rewrite(f"QuickGelu at {s.name}"):
+                break
+            rewrite(graph, m)
+            stats["rewritten"] += 1
+        changed = stats["rewritten"] > 0
+        if changed:
+            graph.cleanup(remove_unused_graph_inputs=False)
+            graph.toposort()
+        return PassResult(changed, stats, skipped)

@@ -1,0 +1,133 @@
+"""IR import/export: a round trip with no passes keeps everything the issue lists."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphopt
+from graphopt import ir
+from graphopt.errors import InputError
+
+RICH_MODEL = """
+<ir_version: 9, opset_import: ["" : 18, "custom.domain" : 1, "local" : 1], producer_name: "unit-test", producer_version: "7.1", model_version: 3, doc_string: "a model doc", domain: "org.example">
+main (float[N, 4] x, bool cond) => (float[N, 4] y, float[N, 4] z) <float[N, 4] h> {
+    h = local.Double(x)
+    y = If(cond) <
+        then_branch = g1 () => (float[N, 4] a) { a = Relu(h) },
+        else_branch = g2 () => (float[N, 4] b) { b = Neg(h) }
+    >
+    z = Add(h, x)
+}
+<domain: "local", opset_import: ["" : 18]>
+Double (t) => (u) {
+    u = Add(t, t)
+}
+"""
+
+
+def _rich_model() -> onnx.ModelProto:
+    m = onnx.parser.parse_model(RICH_MODEL)
+    onnx.helper.set_model_props(m, {"author": "graphopt", "license": "none"})
+    m.graph.doc_string = "graph doc"
+    return m
+
+
+def _roundtrip(m: onnx.ModelProto) -> onnx.ModelProto:
+    return ir.export_graph(ir.import_model(m), m)
+
+
+def test_round_trip_preserves_model_fields():
+    m = _rich_model()
+    onnx.checker.check_model(m, full_check=True)
+    r = _roundtrip(m)
+    assert r.ir_version == m.ir_version
+    assert {(o.domain, o.version) for o in r.opset_import} == {(o.domain, o.version) for o in m.opset_import}
+    assert (r.producer_name, r.producer_version, r.model_version, r.doc_string, r.domain) == ("unit-test", "7.1", 3, "a model doc", "org.example")
+    assert {p.key: p.value for p in r.metadata_props} == {"author": "graphopt", "license": "none"}
+    assert r.graph.doc_string == "graph doc"
+    assert [f.name for f in r.functions] == ["Double"]
+    assert [i.name for i in r.graph.input] == ["x", "cond"] and [o.name for o in r.graph.output] == ["y", "z"]
+    dims = [d.dim_param or d.dim_value for d in r.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 4]
+    assert "h" in {vi.name for vi in r.graph.value_info}
+    assert [n.op_type for n in r.graph.node] == ["Double", "If", "Add"]
+    if_node = r.graph.node[1]
+    assert {a.name for a in if_node.attribute} == {"then_branch", "else_branch"}
+    onnx.checker.check_model(r, full_check=True)
+
+
+def test_round_trip_runs_identically():
+    m = _rich_model()
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    from onnx.reference import ReferenceEvaluator
+
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        a = ReferenceEvaluator(m).run(None, feeds)
+        b = ReferenceEvaluator(_roundtrip(m)).run(None, feeds)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_custom_domain_nodes_survive():
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "com.vendor" : 2]>
+    g (float[2] x) => (float[2] y) { t = com.vendor.Magic<k = 3>(x)  y = Relu(t) }
+    """)
+    r = _roundtrip(m)
+    n = r.graph.node[0]
+    assert (n.domain, n.op_type, n.attribute[0].i) == ("com.vendor", "Magic", 3)
+    assert ("com.vendor", 2) in {(o.domain, o.version) for o in r.opset_import}
+
+
+def test_load_sources(fixtures_dir):
+    p = fixtures_dir / "tiny_cnn.onnx"
+    a = graphopt.load(p)
+    b = graphopt.load(p.read_bytes())
+    c = graphopt.load(a)
+    assert a == b and c is a
+
+
+def test_external_data_load_and_save(tmp_path, fixtures_dir):
+    m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    onnx.save_model(m, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0)
+    loaded = graphopt.load(tmp_path / "ext.onnx")
+    assert all(not t.external_data for t in loaded.graph.initializer)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    graphopt.save(loaded, out, external_data=True)
+    assert (out.parent / "o.onnx.data").exists()
+    again = onnx.load(out)
+    orig = onnx.load(fixtures_dir / "tiny_cnn.onnx")  # save_model above converted m in place
+    for t1, t2 in zip(orig.graph.initializer, again.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t1), onnx.numpy_helper.to_array(t2))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.onnx.data"]
+
+
+def test_optimize_with_external_data_input(tmp_path, fixtures_dir):
+    m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    onnx.save_model(m, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0)
+    res = graphopt.optimize(tmp_path / "ext.onnx", "O1", output=tmp_path / "o.onnx")
+    assert res.verification.ok
+
+
+def test_save_is_atomic_and_never_overwrites_input(tmp_path, fixtures_dir):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((fixtures_dir / "tiny_cnn.onnx").read_bytes())
+    m = graphopt.load(src)
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        ir.save(m, src, protect=[src])
+    (tmp_path / "link.onnx").symlink_to(src)
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        graphopt.optimize(src, "O0", output=tmp_path / "link.onnx")
+    ir.save(m, tmp_path / "new.onnx")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="cannot load a model from int"):
+        graphopt.load(3)
+    with pytest.raises(InputError, match="not an ONNX model"):
+        graphopt.load(b"\x01\x02garbage")

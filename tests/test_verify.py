@@ -1,0 +1,97 @@
+"""Verification: metrics, the exact tolerance rule, shapes/dtypes, fallback and not-verified."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt.pass_base import Budget
+from graphopt.verify import Runner, compare_arrays, verify_models
+from tests.helpers import parse
+
+RELU = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 10] x) => (float[N, 10] y) { y = Relu(x) }
+"""
+
+
+def test_exact_rule_scales_with_magnitude():
+    ref = np.array([[1000.0, -2000.0, 5.0]], np.float32)
+    ok = compare_arrays("y", ref, ref + np.float32(0.1))  # 1e-4 * 2000 = 0.2
+    assert ok.ok and ok.tolerance == pytest.approx(0.2)
+    bad = compare_arrays("y", ref, ref + np.float32(0.5))
+    assert not bad.ok and "tolerance" in bad.reason
+
+
+def test_shape_dtype_nan_and_ints():
+    a = np.zeros((2, 3), np.float32)
+    assert "shape" in compare_arrays("y", a, a.reshape(3, 2)).reason
+    assert "dtype" in compare_arrays("y", a, a.astype(np.float64)).reason
+    n = a.copy()
+    n[0, 0] = np.nan
+    assert "NaN" in compare_arrays("y", a, n).reason
+    assert compare_arrays("y", n, n.copy()).ok
+    i = np.arange(6).reshape(2, 3)
+    assert compare_arrays("y", i, i.copy()).ok
+    j = i.copy()
+    j[1, 1] += 1
+    assert "1 of 6 values differ" in compare_arrays("y", i, j).reason
+    s = np.array(["a", "b"], dtype=object)
+    assert compare_arrays("y", s, s.copy()).ok
+
+
+def test_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 10)).astype(np.float32)
+    got = ref + 0.01 * rng.standard_normal((8, 10)).astype(np.float32)
+    m = compare_arrays("y", ref, got, exact=False)
+    assert 0.99 < m.cosine < 1.0
+    assert 0 < m.rel_l2 < 0.05
+    assert m.top1_agreement is not None and m.top1_agreement >= 0.75
+
+
+def test_verify_models_passes_and_fails():
+    m = parse(RELU)
+    v = verify_models(m, m)
+    assert v.ok and v.samples == 1 and v.outputs[0].max_abs == 0
+    other = parse(RELU.replace("Relu", "Neg"))
+    v = verify_models(m, other)
+    assert v.status == "failed" and "output 'y'" in v.reason
+
+
+def test_changed_output_shape_fails_even_if_values_match():
+    a = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }""")
+    b = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[6] y) { r = Relu(x)  s = Constant<value = int64[1] {6}>()  y = Reshape(r, s) }""")
+    v = verify_models(a, b)
+    assert v.status == "failed" and "shape" in v.reason
+
+
+def test_lossy_budget():
+    m = parse(RELU)
+    scaled = parse(RELU.replace("y = Relu(x)", "r = Relu(x)  c = Constant<value = float {1.01}>()  y = Mul(r, c)"))
+    assert verify_models(m, scaled).status == "failed"  # exact: 1% is far too much
+    assert verify_models(m, scaled, exact=False).ok  # default lossy budget: same top-1, cosine
+    assert verify_models(m, scaled, exact=False, budget=Budget(min_cosine=0.999)).ok
+
+
+def test_reference_fallback_and_not_verified():
+    # onnxruntime has no kernel for this custom op; the reference evaluator cannot run it either
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "my.ops" : 1]>
+    g (float[2] x) => (float[2] y) { y = my.ops.Unknown(x) }""")
+    v = verify_models(m, m)
+    assert v.status == "not-verified" and "cannot be run" in v.reason
+
+
+def test_runner_intermediate_outputs():
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x) => (float[2] y) { t = Neg(x)  y = Relu(t) }""")
+    r = Runner(m, extra_outputs=["t"])
+    out = r.run({"x": np.array([1.0, -2.0], np.float32)})
+    np.testing.assert_array_equal(out["t"], [-1.0, 2.0])
+    np.testing.assert_array_equal(out["y"], [0.0, 2.0])
