@@ -127,7 +127,7 @@ def apply_input_shapes(graph: gs.Graph, ctx) -> int:
     fixed = getattr(ctx, "input_shapes", None) or {}
     n = 0
     for t in graph.inputs:
-        if t.name not in fixed:
+        if t.name not in fixed or not isinstance(t, gs.Variable):
             continue
         want = [int(d) for d in fixed[t.name]]
         have = t.shape
@@ -146,7 +146,8 @@ def apply_input_shapes(graph: gs.Graph, ctx) -> int:
 def input_shapes_pending(graph: gs.Graph, ctx) -> bool:
     """True while a ``--input-shape`` the user gave is not yet written onto the graph inputs."""
     fixed = getattr(ctx, "input_shapes", None) or {}
-    return any(t.name in fixed and t.shape != [int(d) for d in fixed[t.name]] for t in graph.inputs)
+    return any(isinstance(t, gs.Variable) and t.name in fixed and t.shape != [int(d) for d in fixed[t.name]]
+               for t in graph.inputs)
 
 
 def shapes_derived(graph: gs.Graph) -> bool:
@@ -180,7 +181,8 @@ def ensure_shapes(graph: gs.Graph, ctx) -> None:
                 if isinstance(t, gs.Variable) and id(t) not in io:
                     t.shape = None
                     t.dtype = None
-    saved = [(t, t.dtype, None if t.shape is None else list(t.shape)) for t in list(graph.inputs) + list(graph.outputs)]
+    saved = [(t, t.dtype, None if t.shape is None else list(t.shape)) for t in list(graph.inputs) + list(graph.outputs)
+             if isinstance(t, gs.Variable)]  # (IR 3 models list initializers, gs.Constant, as inputs)
     try:
         if ctx is not None:
             ctx.cache.pop("shapes_inferred", None)
