@@ -409,11 +409,11 @@ def is_topologically_sorted(graph: gs.Graph) -> bool:
     return True
 
 
-def toposort(graph: gs.Graph) -> None:
+def toposort(graph: gs.Graph, *, recurse: bool = True) -> None:
     """Order the nodes topologically, keeping a valid order as it is (gs's toposort reorders any
     graph, so a no-pass round trip would shuffle the nodes of the user's model)."""
     if not is_topologically_sorted(graph):
-        graph.toposort()
+        graph.toposort(recurse_subgraphs=recurse)
 
 
 def graph_opset(graph: gs.Graph) -> int:

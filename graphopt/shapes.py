@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import ir
+
 
 _SMALL = 4096  # initializers up to this many bytes keep their values (shape arithmetic needs them)
 
@@ -64,8 +66,7 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
         return 0
     tmpl = template if template is not None else (ctx.model_template if ctx is not None else None)
-    if not is_sorted(graph):
-        graph.toposort()
+    ir.toposort(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(_light_model(graph, tmpl), strict_mode=False, data_prop=True)
     except Exception:
@@ -89,21 +90,3 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     if ctx is not None:
         ctx.cache["shapes_inferred"] = graph
     return n
-
-
-def is_sorted(graph: gs.Graph) -> bool:
-    """True if every node's inputs are produced before it (cheap check; gs.toposort is not).
-
-    Graphs with subgraph-carrying nodes answer False (their implicit inputs need gs's full sort).
-    """
-    seen: set[int] = set()
-    own = {id(t) for n in graph.nodes for t in n.outputs}
-    for n in graph.nodes:
-        for a in n.attrs.values():
-            if isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a)):
-                return False
-        for t in n.inputs:
-            if id(t) in own and id(t) not in seen:
-                return False
-        seen.update(id(t) for t in n.outputs)
-    return True

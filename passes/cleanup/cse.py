@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.shapes import is_sorted
+from graphopt import ir
 from graphopt.rewrite import replace_uses
 
 from .. import _common as C
@@ -164,8 +164,7 @@ class CommonSubexpressionElimination(Pass):
 
     # ----------------------------------------------------------------------------------------------
     def _nodes(self, g: gs.Graph, all_io: set[int], ctx: PassContext, stats: dict, skipped: list[str]) -> bool:
-        if not is_sorted(g):
-            g.toposort(recurse_subgraphs=False)
+        ir.toposort(g, recurse=False)
         table: dict[tuple, gs.Node] = {}
         changed = False
         for n in list(g.nodes):

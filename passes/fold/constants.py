@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.shapes import is_sorted
+from graphopt import ir
 
 from .. import _common as C
 from . import _numpy_ops as K
@@ -149,8 +149,7 @@ class FoldConstants(Pass):
         self._skipped = skipped
         self._partial: dict[int, Partial] = {}
         self._stop = False
-        if not is_sorted(graph):
-            graph.toposort()
+        ir.toposort(graph)
         self._all_outputs = {id(t) for g in C.all_graphs(graph) for t in g.outputs}
         if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx):
             C.ensure_shapes(graph, ctx)
