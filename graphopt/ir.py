@@ -59,6 +59,11 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
         checked_path = path
         if _uses_external_data(model):
             checked_path = None
+            for t in onnx.external_data_helper._get_all_tensors(model):
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    loc = next((e.value for e in t.external_data if e.key == "location"), "")
+                    if not (base_dir / loc).is_file():
+                        raise InputError(f"{path}: external data file missing: {base_dir / loc} (tensor '{t.name}')")
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
             except (FileNotFoundError, OSError) as e:
