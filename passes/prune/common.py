@@ -128,11 +128,12 @@ def budget_notes(ctx, original_model, graph: gs.Graph) -> tuple[list[str], dict[
     With labelled eval data: top-1 of both; otherwise cosine and top-1 agreement on up to 4
     calibration batches.  The pipeline's own verification enforces the budget; this just states it.
     """
-    from graphopt.verify import accuracy
+    from graphopt.verify import accuracy, budget_reference
 
     notes: list[str] = []
     figs: dict[str, float] = {}
     pruned = ctx.to_model(graph)
+    original_model = budget_reference(ctx, original_model)  # the pipeline's original: one budget
     if ctx.eval_data is not None:
         a0 = accuracy(original_model, ctx.eval_data)
         a1 = accuracy(pruned, ctx.eval_data)

@@ -508,8 +508,11 @@ class _BudgetCheck:
         from graphopt.data import generate_feeds
         from graphopt.verify import Runner
 
+        from graphopt.verify import budget_reference
+
         self.ctx = ctx
-        self.float_model = float_model
+        # one budget for the pipeline: measured against the original model, not this pass's input
+        self.float_model = float_model = budget_reference(ctx, float_model)
         feeds = list(ctx.verify_feeds) if ctx.verify_feeds else [f for _, f in zip(range(4), ctx.calibration_batches())]
         if not feeds:
             try:
