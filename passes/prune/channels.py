@@ -28,6 +28,11 @@ patterns on producer node or weight names (``;``-separated): an excluded layer k
 channels, though its input channels still follow the layers before it.  ``recover=false`` skips the
 regression, ``refit=false`` the dense re-fit of the consumers.  Not idempotent by design: the ratio is
 relative to the current width.
+
+``target-latency=0.75`` steps the global ratio and times each pruned trial against the original
+(graphopt.latency.compare, ORT_ENABLE_ALL, 1 thread, with a control copy) until the target is met.
+With a user budget (``--max-accuracy-drop`` + ``--eval``, ``--min-cosine``) the pass checks it itself
+against the pipeline's original and lowers the ratio until it holds (``backoff=false``: not).
 """
 from __future__ import annotations
 
