@@ -94,3 +94,22 @@ def test_target_latency_bad_value():
 
     with pytest.raises(PipelineError):
         run_pipeline(chain_model(), "prune-channels{target-latency=0}")
+
+
+@pytest.mark.slow
+def test_resnet18_target_latency(shared_dir):
+    from graphopt import ir
+
+    m = ir.load(shared_dir / "corpus" / "resnet18.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    out, recs = run_pipeline(m, "prune-channels{target-latency=0.75}", calib={"input": x}, batch=1,
+                             budget=Budget(min_cosine=0.5))
+    rec = recs[0]
+    note = next(n for n in rec.notes if n.startswith("target-latency 0.75: measured"))
+    x_ = float(re.search(r"chose .*ratio=[0-9.]+ \(([0-9.]+)x\)", note).group(1))
+    assert rec.changed and rec.stats["groups_pruned"] == 12
+    if "target not reached" not in note:
+        assert x_ <= 0.75
+    assert rec.stats["flops_after"] < 0.9 * rec.stats["flops_before"]
+    y = run(out, {"input": x[:1]})["output"]
+    assert y.shape == (1, 1000) and np.isfinite(y).all()
