@@ -149,7 +149,9 @@ def optimize(
     pm = PassManager(pipeline, ins)
     report = pm.report
     report.input = str(src_path) if src_path else type(model).__name__
-    report.before = model_summary(graph, original.ByteSize())
+    size_before = src_path.stat().st_size if src_path is not None and not ir._uses_external_data(original) \
+        else ir.approx_size(original)
+    report.before = model_summary(graph, size_before)
     t0 = time.perf_counter()
     try:
         graph = pm.run(graph, ctx)
@@ -163,7 +165,7 @@ def optimize(
     t_passes = time.perf_counter() - t0
     ir.toposort(graph)
     optimized = ir.export_graph(graph, original)
-    report.after = model_summary(graph, optimized.ByteSize())
+    report.after = model_summary(graph, ir.approx_size(optimized))
     lossy = any(not p.exact for p in pm.passes)
 
     verification = None

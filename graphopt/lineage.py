@@ -16,21 +16,11 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from .report import all_nodes
+
 KEY = "graphopt.pass"
 CHAIN_KEY = "graphopt.passes"
 _ATTR = "_graphopt_lineage"
-
-
-def all_nodes(graph: gs.Graph):
-    for n in graph.nodes:
-        yield n
-        for a in n.attrs.values():
-            if isinstance(a, gs.Graph):
-                yield from all_nodes(a)
-            elif isinstance(a, (list, tuple)):
-                for g in a:
-                    if isinstance(g, gs.Graph):
-                        yield from all_nodes(g)
 
 
 def _attr_key(v: Any) -> Any:

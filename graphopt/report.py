@@ -34,10 +34,11 @@ def op_histogram(graph: gs.Graph) -> Counter:
 def constant_bytes(graph: gs.Graph) -> int:
     """Bytes of constant tensors, without loading lazy weights."""
     total = 0
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Constant):
-            v = t._values
-            nb = getattr(v, "nbytes", None)
+    seen: set[int] = set()
+    for t in [t for n in graph.nodes for t in n.inputs] + list(graph.outputs):
+        if isinstance(t, gs.Constant) and id(t) not in seen:  # (graph.tensors() is ~10x slower)
+            seen.add(id(t))
+            nb = getattr(t._values, "nbytes", None)
             total += int(nb) if nb is not None else 0
     return total
 

@@ -5,61 +5,80 @@ context, so a run of shape-dependent passes with no change between them infers o
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir
 
+
 _SMALL = 4096  # initializers up to this many bytes keep their values (shape arithmetic needs them)
 
 
-def _stripped(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with large initializers turned into typed graph inputs (shape only, no bytes)."""
+def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
+    """What shape inference needs, without copying weights: nodes, signature, known value_info, small
+    or integer initializers with their values, large ones as typed inputs (shape only)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+
     m = onnx.ModelProto()
-    m.ir_version = max(model.ir_version, 4)
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
+    m.ir_version = max(template.ir_version if template is not None else onnx.IR_VERSION, 4)
+    opsets = {o.domain: o.version for o in (template.opset_import if template is not None else [])}
+    opsets.setdefault("", int(graph.opset))
+    for d, v in opsets.items():
+        m.opset_import.append(onnx.helper.make_opsetid(d, v))
+    if template is not None:
+        m.functions.extend(template.functions)
     g = m.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    input_names = {i.name for i in model.graph.input}
-    for t in model.graph.initializer:
-        nbytes = len(t.raw_data) if t.HasField("raw_data") else 0
-        if nbytes and nbytes > _SMALL and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-            if t.name not in input_names:
-                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            g.initializer.append(t)
+    g.name = graph.name or "g"
+    g.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    io = set()
+    for t in graph.inputs:
+        g.input.append(OnnxExporter.export_value_info_proto(t, False))
+        io.add(t.name)
+    for t in graph.outputs:
+        g.output.append(OnnxExporter.export_value_info_proto(t, False))
+        io.add(t.name)
+    for name, t in graph.tensors().items():
+        if name in io:
+            continue
+        if isinstance(t, gs.Constant):
+            v = t._values
+            nbytes = getattr(v, "nbytes", None)
+            if nbytes is None:
+                nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize if t.shape is not None else 0
+            is_int = np.dtype(t.dtype).kind in "iu" if not isinstance(t.dtype, int) else False
+            if is_int or nbytes <= _SMALL:
+                g.initializer.append(OnnxExporter.export_tensor_proto(t))
+            else:
+                g.input.append(onnx.helper.make_tensor_value_info(name, dtype_to_onnx(t.export_dtype), list(t.shape)))
+        elif t.dtype is not None or t.shape is not None:
+            g.value_info.append(OnnxExporter.export_value_info_proto(t, False))
     return m
 
 
 def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None) -> int:
     """Infer dtypes and shapes and write them onto the graph's tensors; returns how many were set.
 
-    Symbolic dims stay symbolic (strings).  Inference failures leave the graph as it is.
+    Symbolic dims stay symbolic (strings).  Inference failures leave the graph as it is.  The graph's
+    inputs and outputs keep their declared types (inference may invent names like ``unk__0`` for
+    unknown dims, or know a dim the model leaves open).
     """
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
         return 0
     tmpl = template if template is not None else (ctx.model_template if ctx is not None else None)
-    graph.toposort()
-    model = ir.export_graph(graph, tmpl)
+    ir.toposort(graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_stripped(model), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_light_model(graph, tmpl), strict_mode=False, data_prop=True)
     except Exception:
         return 0
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     n = 0
     tensors = graph.tensors()
-    signature = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
     for name, vi in infos.items():
         t = tensors.get(name)
-        if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type"):
-            continue
-        if id(t) in signature:
-            continue  # the model's inputs and outputs keep the types and shapes the user declared
+        if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type") or id(t) in io:
+            continue  # the model's declared signature is not inference's to change
         tt = vi.type.tensor_type
         if tt.elem_type and t.dtype is None:
             t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import corpus_params
+from tests.conftest import corpus_params
 from graphopt.api import optimize
 from graphopt.data import generate_feeds, input_specs
 from graphopt.verify import make_session

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import corpus_params  # re-exported by tests/passes/fusion/conftest.py from tests/conftest.py
+from tests.conftest import corpus_params  # re-exported by tests/passes/fusion/conftest.py from tests/conftest.py
 from graphopt.api import optimize
 
 FUSIONS = ["fuse-pad-conv", "fuse-conv-bn", "fuse-conv-scale", "fuse-bn-gemm", "fuse-matmul-add", "fuse-transpose-matmul",

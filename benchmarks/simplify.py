@@ -1,0 +1,126 @@
+"""-O1 against its peers and against plain load+save, in one run.
+
+Node counts: graphopt -O1 vs onnxsim vs onnxslim (vs onnxruntime's BASIC level, optimized model written
+out) on every model given.  Wall time: ``graphopt optimize -O1 --verify off`` through the Python API
+(load, check, passes, export, save) against ``onnx.load`` + ``onnx.save`` of the same model, measured
+interleaved (A, B, A, B, ...) on one thread (onnxsim and onnxslim, load and save included, in
+the same rounds), with an identical-model control pair (A vs A') that shows
+the noise.  Medians.
+
+    python benchmarks/simplify.py ../shared/corpus/*.onnx ../shared/digits/*.onnx --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+
+def _peer_counts(path: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    try:
+        import onnxsim
+
+        m, ok = onnxsim.simplify(onnx.load(path))
+        out["onnxsim"] = len(m.graph.node) if ok else "check failed"
+    except Exception as e:  # a peer failing is a result, not a crash
+        out["onnxsim"] = f"error: {type(e).__name__}"
+    try:
+        import onnxslim
+
+        out["onnxslim"] = len(onnxslim.slim(onnx.load(path)).graph.node)
+    except Exception as e:
+        out["onnxslim"] = f"error: {type(e).__name__}"
+    try:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = os.path.join(d, "basic.onnx")
+            so.intra_op_num_threads = 1
+            ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            out["ort-basic"] = len(onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+    except Exception as e:
+        out["ort-basic"] = f"error: {type(e).__name__}"
+    return out
+
+
+def _run_peer(peer: str, path: str, out: str) -> None:
+    if peer == "onnxsim":
+        import onnxsim
+
+        m, _ = onnxsim.simplify(onnx.load(path))
+    else:
+        import onnxslim
+
+        m = onnxslim.slim(onnx.load(path))
+    onnx.save(m, out)
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:6.2f}" if x is not None else f"{'-':>6s}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from graphopt import api
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for path in args.models:
+            name = Path(path).stem
+            n0 = len(onnx.load(path, load_external_data=False).graph.node)
+            res = api.optimize(path, "O1", verify="end")
+            n1 = len(res.model.graph.node)
+            peers = {} if args.no_peers else _peer_counts(path)
+            a, a2, b = [], [], []
+            peer_t: dict[str, list[float]] = {"onnxsim": [], "onnxslim": []}
+            passes_t = []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                m = onnx.load(path)
+                onnx.save(m, os.path.join(d, "a.onnx"))
+                a.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                r = api.optimize(path, "O1", output=os.path.join(d, "b.onnx"), verify="off")
+                b.append(time.perf_counter() - t)
+                passes_t.append(r.report.seconds["passes"])
+                if not args.no_peers:
+                    for peer in ("onnxsim", "onnxslim"):
+                        t = time.perf_counter()
+                        try:
+                            _run_peer(peer, path, os.path.join(d, f"{peer}.onnx"))
+                            peer_t[peer].append(time.perf_counter() - t)
+                        except Exception:
+                            pass
+                t = time.perf_counter()
+                m = onnx.load(path)
+                onnx.save(m, os.path.join(d, "c.onnx"))
+                a2.append(time.perf_counter() - t)
+            ma, ma2, mb = statistics.median(a), statistics.median(a2), statistics.median(b)
+            peer_ratio = {k: (statistics.median(v) / ma if v else None) for k, v in peer_t.items()}
+            rows.append((name, n0, n1, res.verification.status, peers, ma, mb, mb / ma, ma2 / ma, statistics.median(passes_t),
+                         peer_ratio))
+    print(f"{'model':22s} {'nodes':>6s} {'-O1':>5s} {'onnxsim':>8s} {'onnxslim':>9s} {'ort-basic':>9s} {'verify':>7s} "
+          f"{'load+save':>10s} {'-O1 total':>10s} {'ratio':>6s} {'control':>8s} {'passes':>8s} {'sim x':>6s} {'slim x':>6s}")
+    for name, n0, n1, st, peers, ma, mb, ratio, ctl, pt, pr in rows:
+        print(f"{name:22s} {n0:6d} {n1:5d} {str(peers.get('onnxsim', '-')):>8s} {str(peers.get('onnxslim', '-')):>9s} "
+              f"{str(peers.get('ort-basic', '-')):>9s} {st:>7s} {ma * 1e3:8.0f}ms {mb * 1e3:8.0f}ms {ratio:6.2f} {ctl:8.2f} {pt * 1e3:6.0f}ms "
+              f"{_fmt(pr.get('onnxsim'))} {_fmt(pr.get('onnxslim'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""``cse``: common-subexpression elimination.
+
+* Identical initializers (same dtype, shape and bytes, compared bit for bit so NaN and -0.0 count) are
+  merged into one, per graph scope.  Candidates are grouped by a cheap key first (dtype, shape, a
+  sample of the bytes); only colliding tensors are read and compared in full.
+* Identical nodes (same op, domain, attributes and the very same input tensors) are merged: readers of
+  the duplicate read the first one's outputs.  Random ops and nodes with subgraphs are never merged.
+
+Graph inputs and outputs are never merged away (a duplicate whose output is a graph output stays).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt import ir
+from graphopt.rewrite import replace_uses
+
+from .. import _common as C
+
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+                    "Dropout"}
+
+
+_NUMERIC = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                                  np.uint64, np.float16, np.float32, np.float64)}
+
+
+def _mergeable(t: gs.Constant) -> bool:
+    """Plain numeric values that export back exactly (no strings, no bfloat16/float8 re-typing)."""
+    try:
+        return t._export_dtype is None and np.dtype(t._values.dtype) in _NUMERIC
+    except TypeError:
+        return False
+
+
+def _lazy_meta(t: gs.Constant) -> tuple:
+    v = t._values
+    return (v.dtype, tuple(v.shape), t._export_dtype)
+
+
+def _cached(t: gs.Constant, key: str, fn):
+    """Per-constant memo, valid while the constant keeps the same values object."""
+    memo = t.__dict__.setdefault("_graphopt_cse", {})
+    k = (key, id(t._values))
+    if k not in memo:
+        memo.clear() if len(memo) > 4 else None
+        memo[k] = (t._values, fn(t))  # holding the values object keeps its id from being reused
+    return memo[k][1]
+
+
+def _sample(t: gs.Constant) -> bytes:
+    return _cached(t, "sample", _sample_uncached)
+
+
+def _sample_uncached(t: gs.Constant) -> bytes:
+    """A cheap fingerprint (a few hundred bytes from both ends) that does not decode lazy weights."""
+    v = t._values
+    proto = getattr(v, "tensor", None)
+    if proto is not None and proto.HasField("raw_data"):
+        raw = proto.raw_data
+        return raw[:256] + raw[-256:]
+    a = np.ascontiguousarray(np.asarray(t.values)).view(np.uint8).reshape(-1)
+    return a[:256].tobytes() + a[-256:].tobytes()
+
+
+def _digest(arr: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data, digest_size=16).digest()
+
+
+def _attr_key(v) -> object:
+    if isinstance(v, gs.Constant):
+        proto = getattr(v._values, "tensor", None)
+        if proto is not None:  # lazily loaded: key on the stored bytes, do not decode (strings stay strings)
+            return ("tensor-proto", proto.SerializeToString(), str(v._export_dtype))
+        a = np.asarray(v.values)
+        return ("tensor", str(a.dtype), a.shape, str(v._export_dtype), _digest(a))
+    if isinstance(v, gs.Tensor):
+        return ("ref", id(v))
+    if isinstance(v, np.ndarray):
+        return ("array", str(v.dtype), v.shape, _digest(v))
+    if isinstance(v, (list, tuple)):
+        return tuple(_attr_key(x) for x in v)
+    if isinstance(v, float):
+        return ("float", np.float64(v).tobytes())
+    if isinstance(v, (str, bytes, int, bool)) or v is None:
+        return (type(v).__name__, v)
+    return ("repr", type(v).__name__, repr(v))
+
+
+@register_pass
+class CommonSubexpressionElimination(Pass):
+    name = "cse"
+    description = "merge identical initializers (by content) and identical nodes on identical inputs"
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats = {"initializers_merged": 0, "nodes_merged": 0}
+        skipped: list[str] = []
+        self._stop = False
+        graphs = list(C.all_graphs(graph))
+        all_io = {id(t) for g in graphs for t in list(g.inputs) + list(g.outputs)}
+        changed = False
+        for g in graphs:
+            changed |= self._initializers(g, graphs, all_io, ctx, stats)
+            if self._stop:
+                break
+        if not self._stop:
+            for g in graphs:
+                changed |= self._nodes(g, all_io, ctx, stats, skipped)
+                if self._stop:
+                    break
+        if changed:
+            C.drop_detached(graph)
+        return PassResult(changed, stats, skipped)
+
+    # ----------------------------------------------------------------------------------------------
+    def _initializers(self, g: gs.Graph, graphs: list[gs.Graph], all_io: set[int], ctx: PassContext, stats: dict) -> bool:
+        """Merge equal constants read only by nodes of ``g`` (so no name crosses a scope boundary)."""
+        own = {id(n) for n in g.nodes}
+        seen: dict[int, gs.Constant] = {}
+        for n in g.nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in all_io and id(t) not in seen \
+                        and _mergeable(t) and all(id(c) in own for c in t.outputs):
+                    seen[id(t)] = t
+        groups: dict[tuple, list[gs.Constant]] = {}
+        for t in seen.values():
+            groups.setdefault(_lazy_meta(t), []).append(t)
+        for meta in [m for m, ts in groups.items() if len(ts) > 1]:
+            for t in groups.pop(meta):
+                groups.setdefault(meta + (_sample(t),), []).append(t)
+        changed = False
+        for meta, ts in groups.items():
+            if len(ts) < 2:
+                continue
+            by_digest: dict[bytes, gs.Constant] = {}
+            for t in ts:
+                a = np.asarray(t.values)
+                d = _digest(a)
+                keep = by_digest.get(d)
+                if keep is None:
+                    by_digest[d] = t
+                    continue
+                if not np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(np.asarray(keep.values)).view(np.uint8)):
+                    continue
+                if not ctx.allow_rewrite(f"merge initializer {t.name} into {keep.name}"):
+                    self._stop = True
+                    return changed
+                for c in list(t.outputs):
+                    for i, inp in enumerate(c.inputs):
+                        if inp is t:
+                            c.inputs[i] = keep
+                stats["initializers_merged"] += 1
+                changed = True
+        return changed
+
+    # ----------------------------------------------------------------------------------------------
+    def _nodes(self, g: gs.Graph, all_io: set[int], ctx: PassContext, stats: dict, skipped: list[str]) -> bool:
+        ir.toposort(g, recurse=False)
+        table: dict[tuple, gs.Node] = {}
+        changed = False
+        for n in list(g.nodes):
+            if n.op in NONDETERMINISTIC or C.subgraphs_of(n) or not n.outputs:
+                continue
+            try:
+                key = (n.op, n.domain or "", len(n.outputs), tuple(id(t) if not C.is_omitted(t) else None for t in n.inputs),
+                       tuple(sorted((k, _attr_key(v)) for k, v in n.attrs.items())))
+                hash(key)
+            except TypeError:
+                continue
+            first = table.get(key)
+            if first is None:
+                table[key] = n
+                continue
+            if any(id(o) in all_io for o in n.outputs):
+                skipped.append(f"{n.name or n.op}: duplicates {first.name or first.op} but produces a graph output; kept")
+                continue
+            if any(C.is_omitted(a) != C.is_omitted(b) for a, b in zip(n.outputs, first.outputs)):
+                continue
+            if not ctx.allow_rewrite(f"merge {n.op} {n.name} into {first.name}"):
+                self._stop = True
+                return changed
+            for dup, orig in zip(n.outputs, first.outputs):
+                if not C.is_omitted(dup):
+                    replace_uses(dup, orig, g)
+            n.outputs.clear()
+            n.inputs.clear()
+            stats["nodes_merged"] += 1
+            changed = True
+        return changed
