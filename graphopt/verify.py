@@ -403,6 +403,20 @@ def verify_models(
     return v
 
 
+def budget_reference(ctx: Any, current: onnx.ModelProto) -> onnx.ModelProto:
+    """The model a lossy pass measures its budget against: the pipeline's original model
+    (``ctx.model_template``, what the final verification compares with) when its graph inputs and
+    outputs are the current model's, else ``current``.  Measuring every lossy pass against the
+    original keeps one budget for the whole pipeline (prune then quantize cannot each spend it all).
+    """
+    orig = getattr(ctx, "model_template", None)
+    if orig is None:
+        return current
+    names = lambda m: ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
+                       [o.name for o in m.graph.output])
+    return orig if names(orig) == names(current) else current
+
+
 def accuracy(model: onnx.ModelProto, eval_data: tuple[list[Feeds], np.ndarray], output: int = 0) -> float:
     """Top-1 accuracy of ``model``'s first output over labelled feeds (batches concatenated)."""
     feeds_list, labels = eval_data

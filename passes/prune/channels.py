@@ -28,6 +28,11 @@ patterns on producer node or weight names (``;``-separated): an excluded layer k
 channels, though its input channels still follow the layers before it.  ``recover=false`` skips the
 regression, ``refit=false`` the dense re-fit of the consumers.  Not idempotent by design: the ratio is
 relative to the current width.
+
+``target-latency=0.75`` steps the global ratio and times each pruned trial against the original
+(graphopt.latency.compare, ORT_ENABLE_ALL, 1 thread, with a control copy) until the target is met.
+With a user budget (``--max-accuracy-drop`` + ``--eval``, ``--min-cosine``) the pass checks it itself
+against the pipeline's original and lowers the ratio until it holds (``backoff=false``: not).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from graphopt.analysis import ChannelGroup, Member, channel_groups, flops, param
 from graphopt.rewrite import weight_used_only_by
 from graphopt.shapes import infer_shapes
 
-from .common import budget_notes, calibration_activations, matches, set_constant
+from .common import BudgetCheck, adopt_graph as _adopt, budget_notes, calibration_activations, matches, set_constant
 
 
 class _Refuse(Exception):
@@ -102,6 +107,8 @@ class PruneChannels(Pass):
         exclude: tuple[str, ...] = ()
         include: tuple[str, ...] = ()
         target_flops: Optional[float] = None
+        target_latency: Optional[float] = None  # measured ORT_ENABLE_ALL latency, fraction of the original
+        backoff: bool = True  # with a user budget: lower the ratio until the budget holds
         round_to: int = 8
         recover: bool = True
         refit: bool = True
@@ -117,6 +124,8 @@ class PruneChannels(Pass):
             raise PipelineError(f"prune-channels: ratio must be in [0, 1), got {o.ratio}")
         if o.target_flops is not None and not 0.0 < o.target_flops <= 1.0:
             raise PipelineError(f"prune-channels: target-flops must be in (0, 1], got {o.target_flops}")
+        if o.target_latency is not None and not 0.0 < o.target_latency <= 1.0:
+            raise PipelineError(f"prune-channels: target-latency must be in (0, 1], got {o.target_latency}")
         if o.round_to < 1:
             raise PipelineError("prune-channels: round-to must be >= 1")
 
@@ -430,6 +439,88 @@ class PruneChannels(Pass):
     # -- run ----------------------------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        ratio, target_flops = o.ratio, o.target_flops
+        pre_notes: list[str] = []
+        if o.target_latency is not None:
+            ratio, target_flops = self._ratio_for_latency(graph, ctx, pre_notes), None
+            if ratio is None:
+                return PassResult(False, {"groups_pruned": 0}, [], pre_notes)
+        check = BudgetCheck.for_ctx(ctx, graph) if o.backoff else None
+        if check is None:
+            res = self._prune(graph, ctx, ratio, target_flops)
+            res.notes[:0] = pre_notes
+            return res
+        # budget back-off: prune a copy, check the user's budget, lower the ratio until it holds
+        level = 1.0
+        while True:
+            trial = graph.copy()
+            r, f = ratio * level, (None if target_flops is None else 1.0 - (1.0 - target_flops) * level)
+            res = self._prune(trial, ctx, r, f)
+            if not res.changed:
+                if level < 1.0:
+                    pre_notes.append(f"budget not reached: at ratio={r:.3g} nothing is left to prune; nothing pruned")
+                return PassResult(False, res.stats, res.skipped, pre_notes + res.notes)
+            ok, figure = check(ctx.to_model(trial))
+            what = f"ratio={r:.3g}" if f is None else f"target-flops={f:.3g}"
+            if ok:
+                pre_notes.append(f"budget ({check.rule}) holds at {what}: {figure}")
+                _adopt(graph, trial)
+                res.notes[:0] = pre_notes
+                res.stats["budget_backoffs"] = len([n for n in pre_notes if "fails at" in n])
+                return res
+            pre_notes.append(f"budget ({check.rule}) fails at {what}: {figure}; lowering")
+            level *= 0.75
+            if (r if f is None else 1.0 - f) * 0.75 < 0.02:
+                pre_notes.append("budget not reached at any ratio >= 0.02: nothing pruned")
+                return PassResult(False, {"groups_pruned": 0}, res.skipped, pre_notes)
+
+    def _ratio_for_latency(self, graph: gs.Graph, ctx: PassContext, notes: list[str]) -> float | None:
+        """The smallest global ratio (steps of 0.1) whose pruned model's measured onnxruntime latency
+        (ORT_ENABLE_ALL, 1 thread, medians of interleaved rounds, graphopt.latency.compare) is at most
+        ``target-latency`` of the original's; each step also times a second copy of the original, whose
+        ratio is the noise.  Trials are pruned without recovery (it changes no shape, so no latency)."""
+        import copy
+        import dataclasses
+
+        from graphopt import latency
+        from graphopt.data import generate_feeds
+        from graphopt.pass_base import PassContext as _Ctx
+
+        o = self.options
+        base = ctx.to_model(graph)
+        feeds = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
+        if feeds is None:
+            feeds = generate_feeds(base, seed=ctx.seed, input_shapes=ctx.input_shapes)[0]
+        fast = copy.copy(self)
+        fast.options = dataclasses.replace(o, target_latency=None, target_flops=None, recover=False, refit=False,
+                                           criterion="l1", backoff=False)
+        sub = _Ctx(opset=ctx.opset, input_shapes=ctx.input_shapes, seed=ctx.seed)  # trials spend no rewrite budget
+        sub.model_template = ctx.model_template
+        tried: list[tuple[float, float, float]] = []  # (ratio, latency ratio, control ratio)
+        last_removed = None
+        for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+            trial = graph.copy()
+            res = fast._prune(trial, sub, r, None)
+            if not res.changed or res.stats.get("channels_removed") == last_removed:
+                continue  # nothing prunable, or the same widths as the previous step (round-to)
+            last_removed = res.stats.get("channels_removed")
+            t_a, t_c, t_p = latency.compare([base, base, sub.to_model(trial)], feeds, budget_seconds=1.5)
+            tried.append((r, t_p / t_a, t_c / t_a))
+            if t_p / t_a <= o.target_latency:
+                break
+        if not tried:
+            notes.append(f"target-latency {o.target_latency}: no prunable group")
+            return None
+        fmt = ", ".join(f"{r:.1f}: {x:.3f}x (control {c:.3f})" for r, x, c in tried)
+        r, x, c = tried[-1] if tried[-1][1] <= o.target_latency else min(tried, key=lambda t: t[1])
+        reached = x <= o.target_latency
+        notes.append(f"target-latency {o.target_latency}: measured onnxruntime latency (ORT_ENABLE_ALL, 1 thread, medians of "
+                     f"interleaved rounds, batch {next(iter(feeds.values())).shape[0]}) vs the original per ratio: {fmt}; "
+                     + (f"chose ratio={r:.1f} ({x:.3f}x)" if reached else f"target not reached: chose the fastest, ratio={r:.1f} ({x:.3f}x)"))
+        return r
+
+    def _prune(self, graph: gs.Graph, ctx: PassContext, ratio: float, target_flops: float | None) -> PassResult:
+        o = self.options
         graph.toposort()
         infer_shapes(graph, ctx)
         groups = channel_groups(graph, ctx)
@@ -445,7 +536,7 @@ class PruneChannels(Pass):
                 skipped.append(f"{label}: {why}")
         stats = {"groups": len(groups), "groups_prunable": len(candidates), "groups_pruned": 0,
                  "channels_before": sum(g.size for g in candidates), "channels_removed": 0}
-        if not candidates or (o.ratio <= 0 and o.target_flops is None):
+        if not candidates or (ratio <= 0 and target_flops is None):
             return PassResult(False, stats, skipped)
         flops0, params0 = flops(graph), param_count(graph)
         original = ctx.to_model(graph) if ctx.has_calibration or ctx.eval_data is not None else None
@@ -461,10 +552,10 @@ class PruneChannels(Pass):
         if o.recover and not ctx.has_calibration:
             notes.append("no calibration data: channels removed without re-fitting the consumers")
         scores = {g.id: self._scores(g, nodes, grams) for g in candidates}
-        if o.target_flops is not None:
-            ratios = self._allocate(graph, ctx, candidates, nodes, scores, grams_fit, flops0, notes)
+        if target_flops is not None:
+            ratios = self._allocate(graph, ctx, candidates, nodes, scores, grams_fit, flops0, notes, target_flops)
         else:
-            ratios = {g.id: o.ratio for g in candidates}
+            ratios = {g.id: ratio for g in candidates}
 
         plan = _Plan({}, {}, {}, {}, {})
         pruned = 0
@@ -542,14 +633,14 @@ class PruneChannels(Pass):
         return n
 
     # -- target-flops: per-group ratios from measured sensitivity --------------------------------------
-    def _allocate(self, graph, ctx, groups, nodes, scores, grams, flops0, notes) -> dict[int, float]:
+    def _allocate(self, graph, ctx, groups, nodes, scores, grams, flops0, notes, target_flops: float) -> dict[int, float]:
         """Greedy: repeatedly raise the ratio of the group whose next step costs the least output
         error per FLOP saved, until the FLOPs (computed exactly for the combination) reach the target.
         Error of a step = measured sensitivity (1 - output cosine with that group alone pruned at that
         ratio, on calibration data), or without calibration the share of the group's importance removed."""
         o = self.options
         steps = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
-        target = o.target_flops * flops0
+        target = target_flops * flops0
         flops_of = self._flops_model(groups, nodes)
         removed_at = {g.id: [g.size - self._keep_count(g.size, r) for r in steps] for g in groups}
         feeds = [f for _, f in zip(range(2), ctx.calibration_batches())]
@@ -599,12 +690,12 @@ class PruneChannels(Pass):
                 if best_val is None or val < best_val:
                     best, best_val, best_flops = (g.id, j), val, f
             if best is None:
-                notes.append(f"target-flops {o.target_flops} not reachable with ratios up to {steps[-1]}")
+                notes.append(f"target-flops {target_flops} not reachable with ratios up to {steps[-1]}")
                 break
             level[best[0]] = best[1]
             current = best_flops
         ratios = {gid: steps[i] for gid, i in level.items()}
-        notes.append(f"target-flops {o.target_flops}: per-group ratios from {'measured sensitivity' if feeds else 'weight-norm sensitivity'}: " + ", ".join(
+        notes.append(f"target-flops {target_flops}: per-group ratios from {'measured sensitivity' if feeds else 'weight-norm sensitivity'}: " + ", ".join(
             f"{nodes[g.of('producer')[0].node].name or g.id} -{removed_at[g.id][level[g.id]]}/{g.size}" for g in groups if level[g.id] > 0))
         return ratios
 

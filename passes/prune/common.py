@@ -128,11 +128,12 @@ def budget_notes(ctx, original_model, graph: gs.Graph) -> tuple[list[str], dict[
     With labelled eval data: top-1 of both; otherwise cosine and top-1 agreement on up to 4
     calibration batches.  The pipeline's own verification enforces the budget; this just states it.
     """
-    from graphopt.verify import accuracy
+    from graphopt.verify import accuracy, budget_reference
 
     notes: list[str] = []
     figs: dict[str, float] = {}
     pruned = ctx.to_model(graph)
+    original_model = budget_reference(ctx, original_model)  # the pipeline's original: one budget
     if ctx.eval_data is not None:
         a0 = accuracy(original_model, ctx.eval_data)
         a1 = accuracy(pruned, ctx.eval_data)
@@ -158,3 +159,62 @@ def budget_notes(ctx, original_model, graph: gs.Graph) -> tuple[list[str], dict[
             figs["top1_agreement"] = float(np.mean(agree))
             notes.append(f"top-1 agreement with the original: {np.mean(agree):.4f}")
     return notes, figs
+
+
+def adopt_graph(graph: gs.Graph, other: gs.Graph) -> None:
+    """Make ``graph`` (the pass's graph, edited in place) the result ``other`` computed on a copy."""
+    graph.nodes = other.nodes
+    graph.inputs = other.inputs
+    graph.outputs = other.outputs
+
+
+class BudgetCheck:
+    """The user's budget (``--max-accuracy-drop`` with ``--eval``, ``--min-cosine``) applied inside a
+    pruning pass, with the verifier's own rule, against the pipeline's original model and on the
+    verification inputs (the user's, else the first 4 calibration batches, as the final check)."""
+
+    def __init__(self, ctx, reference, feeds):
+        from graphopt.verify import Runner
+
+        self.ctx, self.reference, self.feeds = ctx, reference, feeds
+        r = Runner(reference)
+        self.ref = [r.run(f) for f in feeds]
+        b = ctx.budget
+        parts = []
+        if b.max_accuracy_drop is not None and ctx.eval_data is not None:
+            parts.append(f"top-1 drop <= {b.max_accuracy_drop}")
+        if b.min_cosine is not None:
+            parts.append(f"cosine >= {b.min_cosine}")
+        if b.min_top1_agreement is not None:
+            parts.append(f"top-1 agreement >= {b.min_top1_agreement}")
+        self.rule = ", ".join(parts)
+
+    @classmethod
+    def for_ctx(cls, ctx, graph: gs.Graph) -> "BudgetCheck | None":
+        """None unless the user set a budget this pass can check (and there are inputs to check on)."""
+        from graphopt.verify import budget_reference
+
+        b = ctx.budget
+        if not ((b.max_accuracy_drop is not None and ctx.eval_data is not None) or b.min_cosine is not None
+                or b.min_top1_agreement is not None):
+            return None
+        feeds = list(ctx.verify_feeds) or [f for _, f in zip(range(4), ctx.calibration_batches())]
+        if not feeds:
+            from graphopt.data import generate_feeds
+
+            try:
+                feeds = generate_feeds(ctx.to_model(graph), seed=ctx.seed, input_shapes=ctx.input_shapes)
+            except Exception:
+                return None
+        return cls(ctx, budget_reference(ctx, ctx.to_model(graph)), feeds)
+
+    def __call__(self, model) -> tuple[bool, str]:
+        from graphopt.verify import verify_models
+
+        v = verify_models(self.reference, model, self.feeds, exact=False, budget=self.ctx.budget,
+                          eval_data=self.ctx.eval_data, reference_outputs=self.ref)
+        parts = [f"{m.name}: cos={m.cosine:.5f}" + (f" top1={m.top1_agreement:.3f}" if m.top1_agreement is not None else "")
+                 for m in v.outputs]
+        if v.accuracy:
+            parts.append(f"accuracy {v.accuracy['accuracy']:.4f} (fp32 {v.accuracy['accuracy_ref']:.4f})")
+        return v.status == "passed", "; ".join(parts)

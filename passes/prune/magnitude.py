@@ -21,7 +21,7 @@ from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.errors import PipelineError
 from graphopt.shapes import infer_shapes
 
-from .common import UNSTRUCTURED_NOTE, budget_notes, compressed_size, find_layers, size_stats
+from .common import UNSTRUCTURED_NOTE, BudgetCheck, adopt_graph, budget_notes, compressed_size, find_layers, size_stats
 from .reconstruct import Target, sparsify_graph
 
 
@@ -90,6 +90,7 @@ class PruneMagnitude(Pass):
         scope: Literal["layer", "global"] = "layer"
         exclude: tuple[str, ...] = ()
         min_size: int = 0  # layers with fewer weights are left dense
+        backoff: bool = True  # with a user budget: lower the sparsity (steps of 0.1) until the budget holds
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -98,14 +99,42 @@ class PruneMagnitude(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        check = BudgetCheck.for_ctx(ctx, graph) if o.backoff and o.sparsity > 0 else None
+        if check is None:
+            return self._prune(graph, ctx, o.sparsity)
+        # budget back-off: sparsify a copy, check the user's budget, lower the sparsity until it holds
+        notes: list[str] = []
+        sparsity, fails = o.sparsity, 0
+        while sparsity > 1e-6:
+            trial = graph.copy()
+            res = self._prune(trial, ctx, sparsity)
+            if not res.changed:
+                if fails:
+                    notes.append(f"budget not reached: at sparsity={sparsity:.3g} nothing is left to prune; nothing pruned")
+                return PassResult(False, res.stats, res.skipped, notes + res.notes)
+            ok, figure = check(ctx.to_model(trial))
+            if ok:
+                notes.append(f"budget ({check.rule}) holds at sparsity={sparsity:.3g}: {figure}")
+                adopt_graph(graph, trial)
+                res.stats["budget_backoffs"] = fails
+                res.notes[:0] = notes
+                return res
+            notes.append(f"budget ({check.rule}) fails at sparsity={sparsity:.3g}: {figure}; lowering")
+            fails += 1
+            sparsity = round(sparsity - 0.1, 6)
+        notes.append("budget not reached at any sparsity >= 0.1: nothing pruned")
+        return PassResult(False, {"budget_backoffs": fails}, [], notes)
+
+    def _prune(self, graph: gs.Graph, ctx: PassContext, sparsity: float) -> PassResult:
+        o = self.options
         skipped: list[str] = []
         graph.toposort()
         layers = [l for l in find_layers(graph, o.exclude, skipped) if int(np.prod(l.weight.shape)) >= o.min_size]
         stats = {"layers": len(layers)}
-        if o.sparsity <= 0 or not layers:
+        if sparsity <= 0 or not layers:
             return PassResult(False, stats, skipped)
         # idempotence: a layer already at (or above) its target is left as it is
-        shares = layer_sparsity(layers, o.sparsity, o.scope)
+        shares = layer_sparsity(layers, sparsity, o.scope)
         targets = []
         for l, s in zip(layers, shares):
             w = np.asarray(l.weight.values)

@@ -506,10 +506,12 @@ class _BudgetCheck:
 
     def __init__(self, ctx: PassContext, float_model, graph: gs.Graph):
         from graphopt.data import generate_feeds
-        from graphopt.verify import Runner
+        from graphopt.verify import Runner, budget_reference
 
         self.ctx = ctx
-        self.float_model = float_model
+        self.input_model = float_model  # this pass's input: the sensitivity ranking measures against it
+        # the budget: against the pipeline's original (one budget for prune + quantize, as the final check)
+        self.float_model = float_model = budget_reference(ctx, float_model)
         feeds = list(ctx.verify_feeds) if ctx.verify_feeds else [f for _, f in zip(range(4), ctx.calibration_batches())]
         if not feeds:
             try:
@@ -517,10 +519,11 @@ class _BudgetCheck:
             except Exception:
                 feeds = None
         self.feeds = feeds
-        self.ref = None
+        self.ref = self.input_ref = None
         if feeds is not None:
             r = Runner(float_model)
             self.ref = [r.run(f) for f in feeds]
+            self.input_ref = self.ref if self.input_model is float_model else [Runner(self.input_model).run(f) for f in feeds[:2]]
         b = ctx.budget
         if b.is_set():
             parts = []
@@ -554,12 +557,12 @@ class _BudgetCheck:
 
         r = Runner(model)
         worst = 0.0
-        for f, ref in list(zip(self.feeds, self.ref))[:2]:  # two batches rank well enough, at half the cost
+        for f, ref in list(zip(self.feeds, self.input_ref))[:2]:  # two batches rank well enough, at half the cost
             for m in compare_outputs(ref, r.run(f), exact=False):
                 worst = max(worst, m.rel_l2)
         if self.ctx.eval_data is not None and self.ctx.budget.max_accuracy_drop is not None:
             if not hasattr(self, "_acc_ref"):
-                self._acc_ref = accuracy(self.float_model, self.ctx.eval_data)
+                self._acc_ref = accuracy(self.input_model, self.ctx.eval_data)
             worst += max(0.0, self._acc_ref - accuracy(model, self.ctx.eval_data)) * 100
         return worst
 

@@ -24,10 +24,11 @@ def make_model(text: str, **weights: np.ndarray) -> onnx.ModelProto:
     return m
 
 
-def run_pipeline(model: onnx.ModelProto, pipeline: str, calib: dict | None = None, batch: int = 16):
+def run_pipeline(model: onnx.ModelProto, pipeline: str, calib: dict | None = None, batch: int = 16, budget=None):
     """Run ``pipeline`` on ``model``; returns (optimized ModelProto, list of PassRecords)."""
     graph = ir.import_model(model)
-    ctx = PassContext(opset=ir.graph_opset(graph), calibration=calibration_source(calib, model, batch) if calib else None)
+    ctx = PassContext(opset=ir.graph_opset(graph), calibration=calibration_source(calib, model, batch) if calib else None,
+                      budget=budget)
     ctx.model_template = model
     pm = PassManager(pipeline)
     graph = pm.run(graph, ctx)

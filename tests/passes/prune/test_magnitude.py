@@ -160,3 +160,22 @@ def test_digits_cnn_sparsity_keeps_accuracy(shared_dir, pipeline, floor):
     assert _top1(out, d) >= floor
     rec = recs[0]
     assert rec.stats["compressed_bytes_after"] < rec.stats["compressed_bytes_before"]
+
+
+def test_budget_backoff_lowers_sparsity_until_min_cosine_holds():
+    from graphopt.pass_base import Budget
+
+    m = mlp()
+    out, recs = run_pipeline(m, "prune-magnitude{sparsity=0.9}", budget=Budget(min_cosine=0.97))
+    rec = recs[0]
+    assert rec.changed and rec.stats["budget_backoffs"] >= 1
+    assert any("fails at sparsity=0.9" in n for n in rec.notes)
+    held = [n for n in rec.notes if " holds at sparsity=" in n]
+    assert held
+    s = 1.0 - np.count_nonzero(init(out, "w1")) / init(out, "w1").size
+    assert 0.05 < s < 0.85
+    x = {"x": np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)}
+    assert cosine(run(out, x)["y"], run(m, x)["y"]) > 0.9
+    # backoff=false: the full sparsity, the final verification decides
+    out2, _ = run_pipeline(m, "prune-magnitude{sparsity=0.9,backoff=false}", budget=Budget(min_cosine=0.97))
+    assert np.count_nonzero(init(out2, "w1")) == round(32 * 16 * 0.1)
