@@ -237,7 +237,9 @@ def test_digits_accuracy_and_size(shared_dir, tmp_path):
     for name, ref_acc in (("digits_cnn", 0.994), ("digits_mlp", 0.966)):
         src = shared_dir / "digits" / f"{name}.onnx"
         out = tmp_path / f"{name}.int8.onnx"
-        res = graphopt.optimize(str(src), "O2,quantize-int8", output=str(out), calibration=str(calib),
+        # latency-check off: whether a tiny model's int8 region pays depends on the machine's load at that
+        # moment, and a test must not (the latency decision has its own tests)
+        res = graphopt.optimize(str(src), "O2,quantize-int8{latency-check=false}", output=str(out), calibration=str(calib),
                                 eval_data=str(ev), max_accuracy_drop=0.002)
         acc = res.verification.accuracy
         assert abs(acc["accuracy_ref"] - ref_acc) < 1e-9
