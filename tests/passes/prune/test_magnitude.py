@@ -56,6 +56,7 @@ def test_layer_sparsity_is_exact_and_reported():
     assert rec.stats["compressed_bytes_after"] < rec.stats["compressed_bytes_before"]
     assert rec.stats["flops_after"] == rec.stats["flops_before"]
     assert any("not the latency" in n for n in rec.notes)
+    assert any(n.startswith("latency (onnxruntime") for n in rec.notes) and "latency_ratio_permille" in rec.stats
     # without calibration: plain magnitude (the largest weights survive unchanged)
     w1 = init(m, "w1")
     kept = init(out, "w1") != 0
