@@ -48,18 +48,22 @@ def snapshot(graph: gs.Graph) -> dict[int, tuple[gs.Node, tuple]]:
     return {id(n): (n, _signature(n)) for n in all_nodes(graph)}
 
 
-def mark(graph: gs.Graph, before: dict[int, tuple[gs.Node, tuple]], pass_name: str) -> int:
-    """Tag the nodes that ``pass_name`` created or changed; returns how many."""
+def mark(graph: gs.Graph, before: dict[int, tuple[gs.Node, tuple]], pass_name: str) -> tuple[int, dict[int, tuple[gs.Node, tuple]]]:
+    """Tag the nodes that ``pass_name`` created or changed; returns how many, and the snapshot of the
+    graph as it is now (so the next pass need not take it again)."""
     count = 0
+    after: dict[int, tuple[gs.Node, tuple]] = {}
     for n in all_nodes(graph):
+        sig = _signature(n)
+        after[id(n)] = (n, sig)
         old = before.get(id(n))
-        if old is not None and old[0] is n and old[1] == _signature(n):
+        if old is not None and old[0] is n and old[1] == sig:
             continue
         chain = getattr(n, _ATTR, None) or []
         if not chain or chain[-1] != pass_name:
             setattr(n, _ATTR, chain + [pass_name])
         count += 1
-    return count
+    return count, after
 
 
 def passes_of(node: gs.Node) -> list[str]:

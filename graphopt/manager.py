@@ -77,6 +77,7 @@ class PassManager:
         self.instruments = list(instruments)
         self._root = [_Node(e) for e in self.pipeline.elements]
         self.report = Report(pipeline=str(self.pipeline))
+        self._cached: tuple | None = None
 
     @property
     def passes(self) -> list[Pass]:
@@ -121,13 +122,18 @@ class PassManager:
             changed = changed or c
         return graph, changed
 
+    def _facts(self, graph: gs.Graph):
+        """Op histogram, constant bytes and lineage signatures of ``graph``, computed once per change:
+        a pass that reports no change leaves the graph as it was, so the next pass reuses them."""
+        if self._cached is None or self._cached[0] is not graph:
+            self._cached = (graph, op_histogram(graph), constant_bytes(graph), lineage.snapshot(graph))
+        return self._cached[1:]
+
     def _run_pass(self, n: _Node, graph: gs.Graph, ctx: PassContext, it: int | None) -> tuple[gs.Graph, bool]:
         p = n.pass_
         for ins in self.instruments:
             ins.before_pass(p, graph, ctx)
-        hist0 = op_histogram(graph)
-        bytes0 = constant_bytes(graph)
-        sigs = lineage.snapshot(graph)
+        hist0, bytes0, sigs = self._facts(graph)
         ctx.current_pass = p.name
         t0 = time.perf_counter()
         try:
@@ -138,6 +144,7 @@ class PassManager:
             for ins in self.instruments:
                 g = ins.on_crash(p, graph, ctx, e)
                 if g is not None:
+                    self._cached = None
                     rec = PassRecord(n.text, False, time.perf_counter() - t0, sum(hist0.values()), sum(hist0.values()),
                                      bytes0, bytes0, iteration=it, status="crashed",
                                      detail=f"{type(e).__name__}: {e} (rolled back)")
@@ -168,11 +175,13 @@ class PassManager:
         )
         if result.changed:
             ctx.cache.clear()  # analyses of the old graph are stale
-            lineage.mark(graph, sigs, p.name)
+            _, sigs1 = lineage.mark(graph, sigs, p.name)
+            self._cached = (graph, hist1, rec.const_bytes_after, sigs1)
         self.report.passes.append(rec)
         for ins in self.instruments:
             g = ins.after_pass(p, graph, ctx, rec)
             if g is not None:
                 graph = g
                 ctx.cache.clear()
+                self._cached = None
         return graph, rec.changed and rec.status == "ok"
