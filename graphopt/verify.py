@@ -362,6 +362,13 @@ def verify_models(
         for k, r in ref.items():
             if isinstance(r, np.ndarray) and r.ndim == 2:
                 rows_per_output[k] = rows_per_output.get(k, 0) + r.shape[0]
+    if got_runner.backend != "onnxruntime":
+        # The optimized model only ran on the reference evaluator. If onnxruntime runs the original, that is a
+        # regression (e.g. an op with no onnxruntime kernel), whatever the values say.
+        ort_ran_original = ref_runner.backend == "onnxruntime" if ref_runner is not None else _ort_loads(original)
+        if ort_ran_original:
+            return Verification("failed", f"onnxruntime runs the original but not the optimized model: {got_runner.fallback_reason}",
+                                backend=got_runner.backend, samples=len(feeds), exact=exact, outputs=list(acc.values()))
     v = Verification("passed", backend=got_runner.backend if ref_runner is None else ref_runner.backend, samples=len(feeds), exact=exact, outputs=list(acc.values()))
     for m in v.outputs:
         m.__dict__.pop("_n", None)
@@ -415,6 +422,14 @@ def budget_reference(ctx: Any, current: onnx.ModelProto) -> onnx.ModelProto:
     names = lambda m: ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
                        [o.name for o in m.graph.output])
     return orig if names(orig) == names(current) else current
+
+
+def _ort_loads(model: onnx.ModelProto) -> bool:
+    try:
+        make_session(model)
+        return True
+    except Exception:
+        return False
 
 
 def accuracy(model: onnx.ModelProto, eval_data: tuple[list[Feeds], np.ndarray], output: int = 0) -> float:

@@ -73,7 +73,8 @@ def test_each_fusion_on_real_models(path, fusion, shared_dir):
 @pytest.mark.parametrize("name,opset,expect", [
     ("bert_mini", 23, {"Gelu": 4, "Attention": 4}),
     ("gpt2_mini", 23, {"Gelu": 4, "Attention": 4}),
-    ("efficientnet_b0", 24, {"Swish": 49}),
+    # efficientnet_b0 at opset 24 with fuse-silu -> 49 Swish is not here: onnxruntime 1.32 has no Swish kernel, so
+    # verification (rightly) fails it; fuse-silu is out of -O2 for that reason (see graphopt/presets.py).
 ])
 def test_new_opset_ops_on_upgraded_real_models(name, opset, expect, shared_dir, tmp_path):
     import onnx.version_converter
