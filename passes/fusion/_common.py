@@ -279,6 +279,19 @@ def fuse_each(graph: gs.Graph, ctx: PassContext, candidates: Iterable, stats: di
         stats["rewritten"] += 1
 
 
+def run_fusion(graph: gs.Graph, ctx: PassContext, candidates: list, stats: dict[str, int], **loop) -> PassResult:
+    """A whole -O3 onnxruntime fusion pass: nothing to do without candidates (no shape inference either),
+    else infer shapes and run :func:`fuse_each` (``loop`` is its keyword arguments) and :func:`finish_fusions`."""
+    skipped: list[str] = []
+    if not candidates:
+        return PassResult(False, stats)
+    from graphopt.shapes import infer_shapes
+
+    infer_shapes(graph, ctx)
+    fuse_each(graph, ctx, candidates, stats, skipped, **loop)
+    return finish_fusions(graph, stats, skipped)
+
+
 def finish_fusions(graph: gs.Graph, stats: dict[str, int], skipped: list[str]) -> PassResult:
     """Drop the detached nodes and re-sort if anything was rewritten; the pass result."""
     changed = stats["rewritten"] > 0
