@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 
-from ._common import node_alive, run_fusion
-from ._ort import MS_DOMAIN, clear, escapes, is_float32, near, op_of, other_input, scalar, static_shape
+from ._common import node_alive, other_input, remove_nodes, run_fusion, scalar
+from ._ort import MS_DOMAIN, escapes, is_float32, near, op_of, static_shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -187,7 +187,7 @@ def rewrite(graph: gs.Graph, m: GeluMatch) -> tuple[gs.Node, str]:
         inputs = [m.x]
         nodes = m.nodes
     out = m.out
-    clear(nodes)
+    remove_nodes(nodes)
     node = gs.Node(op, name=derived_name(graph, m.anchor.name or "gelu", op), domain=MS_DOMAIN, inputs=inputs, outputs=[out])
     graph.nodes.append(node)
     return node, op

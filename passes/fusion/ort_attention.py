@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import const_value, derived_name, weight_used_only_by
 
-from ._common import node_alive, run_fusion
-from ._ort import MS_DOMAIN, Linear, clear, escapes, is_float32, match_linear, new_const, only_consumer, op_of, scalar, static_shape
+from ._common import node_alive, remove_nodes, run_fusion, scalar
+from ._ort import MS_DOMAIN, Linear, escapes, is_float32, match_linear, new_const, only_consumer, op_of, static_shape
 
 
 @dataclass
@@ -259,7 +259,7 @@ def rewrite(graph: gs.Graph, m: AttentionMatch, expanded: dict | None = None) ->
     inputs = [m.x, w_c, b_c]
     if m.bias is not None:
         inputs += [gs.Variable.empty(), gs.Variable.empty(), _full_bias(graph, m, expanded)]
-    clear(m.nodes)
+    remove_nodes(m.nodes)
     if m.keep_reshape is None:
         out = m.out
     else:

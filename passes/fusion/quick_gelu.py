@@ -12,8 +12,8 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 
-from ._common import node_alive, run_fusion
-from ._ort import MS_DOMAIN, clear, escapes, is_float32, only_consumer, op_of, other_input, scalar
+from ._common import node_alive, other_input, remove_nodes, run_fusion, scalar
+from ._ort import MS_DOMAIN, escapes, is_float32, only_consumer, op_of
 
 
 @dataclass
@@ -56,7 +56,7 @@ def check(graph: gs.Graph, m: QuickGeluMatch) -> str | None:
 
 def rewrite(graph: gs.Graph, m: QuickGeluMatch) -> gs.Node:
     out = m.out
-    clear(m.nodes)
+    remove_nodes(m.nodes)
     node = gs.Node("QuickGelu", name=derived_name(graph, m.anchor.name or "quick_gelu", "QuickGelu"), domain=MS_DOMAIN,
                    attrs={"alpha": float(m.alpha)}, inputs=[m.x], outputs=[out])
     graph.nodes.append(node)

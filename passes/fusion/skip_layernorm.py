@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 
-from ._common import run_fusion, tensor_alive
-from ._ort import (MS_DOMAIN, LayerNorm, clear, escapes, is_float32, match_layernorm, op_of, static_shape)
+from ._common import remove_nodes, run_fusion, tensor_alive
+from ._ort import (MS_DOMAIN, LayerNorm, escapes, is_float32, match_layernorm, op_of, static_shape)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def rewrite(graph: gs.Graph, m: SkipLNMatch) -> gs.Node:
     if m.sum_used:
         outputs += [gs.Variable.empty(), gs.Variable.empty(), m.ln.x]
     anchor = m.ln.nodes[-1].name or "LayerNorm"
-    clear(m.nodes)
+    remove_nodes(m.nodes)
     node = gs.Node("SkipLayerNormalization", name=derived_name(graph, anchor, "SkipLayerNorm"), domain=MS_DOMAIN,
                    attrs={"epsilon": float(m.ln.epsilon)}, inputs=inputs, outputs=outputs)
     graph.nodes.append(node)
