@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.rewrite import const_value, is_graph_output
+from graphopt.rewrite import const_value, derived_name, is_graph_output
 
-from ._common import prod, scalar
+from ._common import prod, remove_nodes, scalar
 
 MS_DOMAIN = "com.microsoft"
 
@@ -82,9 +82,19 @@ def escapes(graph: gs.Graph, nodes: list[gs.Node], keep: list[gs.Tensor] = ()) -
     return None
 
 
-def new_const(graph: gs.Graph, base: str, suffix: str, values: np.ndarray) -> gs.Constant:
-    from graphopt.rewrite import derived_name
+def replace_with_ms_op(graph: gs.Graph, nodes: list[gs.Node], op: str, base: str, suffix: str, inputs: list, outputs: list,
+                       attrs: dict | None = None) -> gs.Node:
+    """Detach the matched ``nodes`` and append a com.microsoft ``op`` node in their place.
 
+    The new node is named (``derived_name(base, suffix)``) after the detach, so names the match held are free again.
+    """
+    remove_nodes(nodes)
+    node = gs.Node(op, name=derived_name(graph, base, suffix), domain=MS_DOMAIN, attrs=attrs, inputs=inputs, outputs=outputs)
+    graph.nodes.append(node)
+    return node
+
+
+def new_const(graph: gs.Graph, base: str, suffix: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(derived_name(graph, base, suffix), np.ascontiguousarray(values))
 
 

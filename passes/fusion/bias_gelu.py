@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
 
-from ._common import node_alive, other_input, remove_nodes, run_fusion, scalar
-from ._ort import MS_DOMAIN, escapes, is_float32, near, op_of, static_shape
+from ._common import node_alive, other_input, run_fusion, scalar
+from ._ort import escapes, is_float32, near, op_of, replace_with_ms_op, static_shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -186,11 +185,7 @@ def rewrite(graph: gs.Graph, m: GeluMatch) -> tuple[gs.Node, str]:
         op = "Gelu" if m.kind == "erf" else "FastGelu"
         inputs = [m.x]
         nodes = m.nodes
-    out = m.out
-    remove_nodes(nodes)
-    node = gs.Node(op, name=derived_name(graph, m.anchor.name or "gelu", op), domain=MS_DOMAIN, inputs=inputs, outputs=[out])
-    graph.nodes.append(node)
-    return node, op
+    return replace_with_ms_op(graph, nodes, op, m.anchor.name or "gelu", op, inputs, [m.out]), op
 
 
 @register_pass

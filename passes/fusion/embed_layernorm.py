@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import const_value, derived_name
 
-from ._common import remove_nodes, run_fusion, tensor_alive
-from ._ort import MS_DOMAIN, LayerNorm, escapes, is_float32, match_layernorm, op_of, static_shape
+from ._common import run_fusion, tensor_alive
+from ._ort import LayerNorm, escapes, is_float32, match_layernorm, op_of, replace_with_ms_op, static_shape
 from .skip_layernorm import ln_candidates
 
 
@@ -148,11 +148,8 @@ def rewrite(graph: gs.Graph, m: EmbedMatch, cast_cache: dict) -> gs.Node:
     # onnxruntime's type inference writes output 1 (mask_index) unconditionally: it must exist
     mask_index = gs.Variable(derived_name(graph, anchor, "mask_index"), dtype=np.int32)
     outputs = [m.ln.out, mask_index] + ([m.ln.x] if m.sum_used else [])
-    remove_nodes(m.nodes)
-    node = gs.Node("EmbedLayerNormalization", name=derived_name(graph, anchor, "EmbedLayerNorm"), domain=MS_DOMAIN,
-                   attrs={"epsilon": float(m.ln.epsilon)}, inputs=inputs, outputs=outputs)
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "EmbedLayerNormalization", anchor, "EmbedLayerNorm", inputs, outputs,
+                              {"epsilon": float(m.ln.epsilon)})
 
 
 @register_pass

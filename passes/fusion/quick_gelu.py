@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
 
-from ._common import node_alive, other_input, remove_nodes, run_fusion, scalar
-from ._ort import MS_DOMAIN, escapes, is_float32, only_consumer, op_of
+from ._common import node_alive, other_input, run_fusion, scalar
+from ._ort import escapes, is_float32, only_consumer, op_of, replace_with_ms_op
 
 
 @dataclass
@@ -55,12 +54,8 @@ def check(graph: gs.Graph, m: QuickGeluMatch) -> str | None:
 
 
 def rewrite(graph: gs.Graph, m: QuickGeluMatch) -> gs.Node:
-    out = m.out
-    remove_nodes(m.nodes)
-    node = gs.Node("QuickGelu", name=derived_name(graph, m.anchor.name or "quick_gelu", "QuickGelu"), domain=MS_DOMAIN,
-                   attrs={"alpha": float(m.alpha)}, inputs=[m.x], outputs=[out])
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "QuickGelu", m.anchor.name or "quick_gelu", "QuickGelu", [m.x], [m.out],
+                              {"alpha": float(m.alpha)})
 
 
 @register_pass

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
 
-from ._common import remove_nodes, run_fusion, tensor_alive
-from ._ort import (MS_DOMAIN, LayerNorm, escapes, is_float32, match_layernorm, op_of, static_shape)
+from ._common import run_fusion, tensor_alive
+from ._ort import LayerNorm, escapes, is_float32, match_layernorm, op_of, replace_with_ms_op, static_shape
 
 
 @dataclass
@@ -121,11 +120,8 @@ def rewrite(graph: gs.Graph, m: SkipLNMatch) -> gs.Node:
     if m.sum_used:
         outputs += [gs.Variable.empty(), gs.Variable.empty(), m.ln.x]
     anchor = m.ln.nodes[-1].name or "LayerNorm"
-    remove_nodes(m.nodes)
-    node = gs.Node("SkipLayerNormalization", name=derived_name(graph, anchor, "SkipLayerNorm"), domain=MS_DOMAIN,
-                   attrs={"epsilon": float(m.ln.epsilon)}, inputs=inputs, outputs=outputs)
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "SkipLayerNormalization", anchor, "SkipLayerNorm", inputs, outputs,
+                              {"epsilon": float(m.ln.epsilon)})
 
 
 @register_pass
