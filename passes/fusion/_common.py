@@ -86,7 +86,7 @@ def prod(t: gs.Tensor | None, op: str | tuple[str, ...]) -> gs.Node | None:
         return None
     p = producer(t)
     ops = (op,) if isinstance(op, str) else op
-    if p is None or p.op not in ops or (p.domain or "") not in ("", "ai.onnx"):
+    if p is None or p.op not in ops or not is_std(p):
         return None
     return p
 

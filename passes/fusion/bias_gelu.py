@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
 
-from ._common import node_alive, other_input, run_fusion, scalar
+from ._common import is_std, node_alive, other_input, run_fusion, scalar
 from ._ort import escapes, is_float32, near, op_of, replace_with_ms_op, static_shape
 
 SQRT2 = math.sqrt(2.0)
@@ -65,7 +65,7 @@ def _consumer(t: gs.Tensor, op: str, value: float | None = None) -> gs.Node | No
 
     Other readers are allowed here: ``check`` refuses the match with a reason if they exist."""
     for u in t.outputs:
-        if u.op == op and (u.domain or "") in ("", "ai.onnx") and other_input(u, t) is not None:
+        if u.op == op and is_std(u) and other_input(u, t) is not None:
             if value is None or scalar(other_input(u, t)) == value:
                 return u
     return None
@@ -199,7 +199,7 @@ class FuseBiasGelu(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"matched": 0, "rewritten": 0, "BiasGelu": 0, "FastGelu": 0, "Gelu": 0}
-        anchors = [n for n in graph.nodes if (n.domain or "") in ("", "ai.onnx") and n.op in ("Erf", "Tanh", "Gelu")]
+        anchors = [n for n in graph.nodes if is_std(n) and n.op in ("Erf", "Tanh", "Gelu")]
 
         def match(g: gs.Graph, n: gs.Node) -> tuple[GeluMatch | None, None]:
             m = {"Erf": match_erf, "Tanh": match_tanh, "Gelu": match_gelu_op}[n.op](n)

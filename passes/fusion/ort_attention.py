@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import const_value, derived_name, weight_used_only_by
 
-from ._common import node_alive, remove_nodes, run_fusion, scalar
+from ._common import is_std, node_alive, remove_nodes, run_fusion, scalar
 from ._ort import MS_DOMAIN, Linear, escapes, is_float32, match_linear, new_const, only_consumer, op_of, static_shape
 
 
@@ -284,7 +284,7 @@ class FuseOrtAttention(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        softmaxes = [n for n in graph.nodes if n.op == "Softmax" and (n.domain or "") in ("", "ai.onnx")]
+        softmaxes = [n for n in graph.nodes if n.op == "Softmax" and is_std(n)]
         expanded: dict = {}
         return run_fusion(graph, ctx, softmaxes, {"matched": 0, "rewritten": 0}, alive=node_alive, match=match, check=check,
                           rewrite=lambda g, m: rewrite(g, m, expanded), describe=lambda sm, m: f"Attention at {sm.name}")

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
 
-from ._common import node_alive, other_input, run_fusion, scalar
+from ._common import is_std, node_alive, other_input, run_fusion, scalar
 from ._ort import escapes, is_float32, only_consumer, op_of, replace_with_ms_op
 
 
@@ -68,7 +68,7 @@ class FuseQuickGelu(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        sigs = [n for n in graph.nodes if n.op == "Sigmoid" and (n.domain or "") in ("", "ai.onnx")]
+        sigs = [n for n in graph.nodes if n.op == "Sigmoid" and is_std(n)]
         return run_fusion(graph, ctx, sigs, {"matched": 0, "rewritten": 0}, alive=node_alive,
                           match=lambda g, s: (match(s), None), check=check, rewrite=rewrite,
                           describe=lambda s, m: f"QuickGelu at {s.name}")

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
 
-from ._common import run_fusion, tensor_alive
+from ._common import is_std, run_fusion, tensor_alive
 from ._ort import LayerNorm, escapes, is_float32, match_layernorm, op_of, replace_with_ms_op, static_shape
 
 
@@ -51,7 +51,7 @@ def ln_candidates(graph: gs.Graph) -> list[gs.Tensor]:
     decomposed form (cheap pre-filter; ``match_layernorm`` decides)."""
     out = []
     for n in graph.nodes:
-        if (n.domain or "") not in ("", "ai.onnx") or not n.outputs:
+        if not is_std(n) or not n.outputs:
             continue
         if n.op == "LayerNormalization":
             out.append(n.outputs[0])

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 
-from ._common import fuse_each
+from ._common import fuse_each, is_std
 from ._ort import MS_DOMAIN, is_float32, op_of, static_shape
 
 
@@ -63,7 +63,7 @@ def _lower_skip_ln(graph: gs.Graph, n: gs.Node) -> None:
 
 def _fusable_by_ort(graph: gs.Graph, ln: gs.Node) -> gs.Node | None:
     """The Add that onnxruntime would fold into SkipLayerNormalization with ``ln``, else None."""
-    if ln.op != "LayerNormalization" or (ln.domain or "") not in ("", "ai.onnx"):
+    if ln.op != "LayerNormalization" or not is_std(ln):
         return None
     x = ln.inputs[0]
     add = op_of(x, "Add")
