@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -86,7 +86,7 @@ def prod(t: gs.Tensor | None, op: str | tuple[str, ...]) -> gs.Node | None:
         return None
     p = producer(t)
     ops = (op,) if isinstance(op, str) else op
-    if p is None or p.op not in ops or (p.domain or "") not in ("", "ai.onnx"):
+    if p is None or p.op not in ops or not is_std(p):
         return None
     return p
 
@@ -223,27 +223,82 @@ class FusionPass(Pass):
 
             infer_shapes(graph, ctx)
         graph.toposort()
+
+        def check(g: gs.Graph, m: Match) -> str | None:
+            reason = self.check(m, g, ctx)
+            return f"{m.anchor.name or m.anchor.op}: {reason}" if reason else reason
+
         # Matching always looks at the current graph: nodes removed by an earlier rewrite have no outputs
         # and are skipped, nodes a rewrite kept (a Conv that absorbed a BN) may match again (chains).
-        for node in list(graph.nodes):
-            if not node.outputs or node.op not in self.anchor_ops or not is_std(node):
-                continue
-            m = self.match(node, graph, ctx)
-            if m is None:
-                continue
-            stats["matched"] += 1
-            reason = self.check(m, graph, ctx)
-            if reason:
-                skipped.append(f"{m.anchor.name or m.anchor.op}: {reason}")
-                continue
-            if not ctx.allow_rewrite(f"{self.name} at {m.anchor.name or m.anchor.op}"):
-                break
-            self.rewrite(m, graph, ctx)
-            stats["rewritten"] += 1
-        if stats["rewritten"]:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(stats["rewritten"] > 0, stats, skipped)
+        fuse_each(
+            graph, ctx, list(graph.nodes), stats, skipped,
+            match=lambda g, node: (self.match(node, g, ctx), None),
+            check=check,
+            rewrite=lambda g, m: self.rewrite(m, g, ctx),
+            describe=lambda node, m: f"{self.name} at {m.anchor.name or m.anchor.op}",
+            alive=lambda node: bool(node.outputs) and node.op in self.anchor_ops and is_std(node),
+        )
+        return finish_fusions(graph, stats, skipped)
+
+
+def node_alive(n: gs.Node) -> bool:
+    """A candidate node not taken by an earlier rewrite (rewrites detach the nodes they remove)."""
+    return bool(n.inputs) and bool(n.outputs)
+
+
+def tensor_alive(t: gs.Tensor) -> bool:
+    """A candidate tensor whose producer was not taken by an earlier rewrite."""
+    return bool(t.inputs)
+
+
+def fuse_each(graph: gs.Graph, ctx: PassContext, candidates: Iterable, stats: dict[str, int], skipped: list[str], *,
+              match: Callable, check: Callable, rewrite: Callable, describe: Callable,
+              alive: Callable | None = None) -> None:
+    """The match / check / rewrite loop shared by every fusion (-O2 :class:`FusionPass` and -O3 ort fusions).
+
+    For each candidate still ``alive``: ``match(graph, c)`` returns ``(m, reason)`` -- ``(None, None)``
+    means no match, a ``reason`` means matched but refused.  A match counts in ``stats["matched"]``;
+    ``check(graph, m)`` gives a refusal reason (appended to ``skipped`` as is), otherwise
+    ``ctx.allow_rewrite(describe(c, m))`` is asked (a refusal stops the loop) and ``rewrite(graph, m)``
+    applied, counted in ``stats["rewritten"]``.
+    """
+    for c in candidates:
+        if alive is not None and not alive(c):
+            continue
+        m, reason = match(graph, c)
+        if m is None and reason is None:
+            continue
+        stats["matched"] += 1
+        reason = reason or check(graph, m)
+        if reason:
+            skipped.append(reason)
+            continue
+        if not ctx.allow_rewrite(describe(c, m)):
+            break
+        rewrite(graph, m)
+        stats["rewritten"] += 1
+
+
+def run_fusion(graph: gs.Graph, ctx: PassContext, candidates: list, stats: dict[str, int], **loop) -> PassResult:
+    """A whole -O3 onnxruntime fusion pass: nothing to do without candidates (no shape inference either),
+    else infer shapes and run :func:`fuse_each` (``loop`` is its keyword arguments) and :func:`finish_fusions`."""
+    skipped: list[str] = []
+    if not candidates:
+        return PassResult(False, stats)
+    from graphopt.shapes import infer_shapes
+
+    infer_shapes(graph, ctx)
+    fuse_each(graph, ctx, candidates, stats, skipped, **loop)
+    return finish_fusions(graph, stats, skipped)
+
+
+def finish_fusions(graph: gs.Graph, stats: dict[str, int], skipped: list[str]) -> PassResult:
+    """Drop the detached nodes and re-sort if anything was rewritten; the pass result."""
+    changed = stats["rewritten"] > 0
+    if changed:
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.toposort()
+    return PassResult(changed, stats, skipped)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.rewrite import const_value, is_graph_output, producer
+from graphopt.rewrite import const_value, derived_name, is_graph_output
+
+from ._common import prod, remove_nodes, scalar
 
 MS_DOMAIN = "com.microsoft"
 
@@ -22,37 +24,12 @@ MS_DOMAIN = "com.microsoft"
 
 
 def op_of(t: gs.Tensor | None, *ops: str) -> gs.Node | None:
-    """The producer of ``t`` if it is a default-domain node of one of ``ops``."""
-    if t is None:
-        return None
-    p = producer(t)
-    if p is None or p.op not in ops or (p.domain or "") not in ("", "ai.onnx"):
-        return None
-    return p
-
-
-def scalar(t: gs.Tensor | None) -> float | None:
-    """The value of a constant with exactly one element, else None."""
-    v = const_value(t)
-    if v is None or v.size != 1 or v.dtype.kind not in "fiu":
-        return None
-    return float(v.reshape(()))
+    """The producer of ``t`` if it is a default-domain node of one of ``ops`` (:func:`prod`, varargs)."""
+    return prod(t, ops)
 
 
 def near(a: float | None, b: float, rel: float = 1e-4) -> bool:
     return a is not None and abs(a - b) <= rel * abs(b)
-
-
-def other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    """For a two-input node that reads ``t``, its other input."""
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if a is t:
-        return b
-    if b is t:
-        return a
-    return None
 
 
 def only_consumer(t: gs.Tensor) -> gs.Node | None:
@@ -105,16 +82,19 @@ def escapes(graph: gs.Graph, nodes: list[gs.Node], keep: list[gs.Tensor] = ()) -
     return None
 
 
-def clear(nodes: list[gs.Node]) -> None:
-    """Detach matched nodes (dead code afterwards; the pass runs cleanup)."""
-    for n in nodes:
-        n.inputs.clear()
-        n.outputs.clear()
+def replace_with_ms_op(graph: gs.Graph, nodes: list[gs.Node], op: str, base: str, suffix: str, inputs: list, outputs: list,
+                       attrs: dict | None = None) -> gs.Node:
+    """Detach the matched ``nodes`` and append a com.microsoft ``op`` node in their place.
+
+    The new node is named (``derived_name(base, suffix)``) after the detach, so names the match held are free again.
+    """
+    remove_nodes(nodes)
+    node = gs.Node(op, name=derived_name(graph, base, suffix), domain=MS_DOMAIN, attrs=attrs, inputs=inputs, outputs=outputs)
+    graph.nodes.append(node)
+    return node
 
 
 def new_const(graph: gs.Graph, base: str, suffix: str, values: np.ndarray) -> gs.Constant:
-    from graphopt.rewrite import derived_name
-
     return gs.Constant(derived_name(graph, base, suffix), np.ascontiguousarray(values))
 
 

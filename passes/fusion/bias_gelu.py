@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
-from graphopt.shapes import infer_shapes
 
-from ._ort import MS_DOMAIN, clear, escapes, is_float32, near, op_of, other_input, scalar, static_shape
+from ._common import is_std, node_alive, other_input, run_fusion, scalar
+from ._ort import escapes, is_float32, near, op_of, replace_with_ms_op, static_shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -66,7 +65,7 @@ def _consumer(t: gs.Tensor, op: str, value: float | None = None) -> gs.Node | No
 
     Other readers are allowed here: ``check`` refuses the match with a reason if they exist."""
     for u in t.outputs:
-        if u.op == op and (u.domain or "") in ("", "ai.onnx") and other_input(u, t) is not None:
+        if u.op == op and is_std(u) and other_input(u, t) is not None:
             if value is None or scalar(other_input(u, t)) == value:
                 return u
     return None
@@ -186,11 +185,7 @@ def rewrite(graph: gs.Graph, m: GeluMatch) -> tuple[gs.Node, str]:
         op = "Gelu" if m.kind == "erf" else "FastGelu"
         inputs = [m.x]
         nodes = m.nodes
-    out = m.out
-    clear(nodes)
-    node = gs.Node(op, name=derived_name(graph, m.anchor.name or "gelu", op), domain=MS_DOMAIN, inputs=inputs, outputs=[out])
-    graph.nodes.append(node)
-    return node, op
+    return replace_with_ms_op(graph, nodes, op, m.anchor.name or "gelu", op, inputs, [m.out]), op
 
 
 @register_pass
@@ -204,32 +199,20 @@ class FuseBiasGelu(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"matched": 0, "rewritten": 0, "BiasGelu": 0, "FastGelu": 0, "Gelu": 0}
-        skipped: list[str] = []
-        anchors = [n for n in graph.nodes if (n.domain or "") in ("", "ai.onnx") and n.op in ("Erf", "Tanh", "Gelu")]
-        if not anchors:
-            return PassResult(False, stats)
-        infer_shapes(graph, ctx)
-        for n in anchors:
-            if not n.inputs or not n.outputs:
-                continue
+        anchors = [n for n in graph.nodes if is_std(n) and n.op in ("Erf", "Tanh", "Gelu")]
+
+        def match(g: gs.Graph, n: gs.Node) -> tuple[GeluMatch | None, None]:
             m = {"Erf": match_erf, "Tanh": match_tanh, "Gelu": match_gelu_op}[n.op](n)
             if m is None:
-                continue
-            attach_bias(graph, m)
+                return None, None
+            attach_bias(g, m)
             if n.op == "Gelu" and m.bias is None:
-                continue  # already one op; nothing to gain
-            stats["matched"] += 1
-            reason = check(graph, m)
-            if reason:
-                skipped.append(reason)
-                continue
-            if not ctx.allow_rewrite(f"GELU at {n.name}"):
-                break
-            _, op = rewrite(graph, m)
-            stats["rewritten"] += 1
+                return None, None  # already one op; nothing to gain
+            return m, None
+
+        def rewrite_counted(g: gs.Graph, m: GeluMatch) -> None:
+            _, op = rewrite(g, m)
             stats[op] += 1
-        changed = stats["rewritten"] > 0
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(changed, stats, skipped)
+
+        return run_fusion(graph, ctx, anchors, stats, alive=node_alive, match=match, check=check,
+                          rewrite=rewrite_counted, describe=lambda n, m: f"GELU at {n.name}")

@@ -23,9 +23,9 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import const_value, derived_name
-from graphopt.shapes import infer_shapes
 
-from ._ort import MS_DOMAIN, LayerNorm, clear, escapes, is_float32, match_layernorm, op_of, static_shape
+from ._common import run_fusion, tensor_alive
+from ._ort import LayerNorm, escapes, is_float32, match_layernorm, op_of, replace_with_ms_op, static_shape
 from .skip_layernorm import ln_candidates
 
 
@@ -148,11 +148,8 @@ def rewrite(graph: gs.Graph, m: EmbedMatch, cast_cache: dict) -> gs.Node:
     # onnxruntime's type inference writes output 1 (mask_index) unconditionally: it must exist
     mask_index = gs.Variable(derived_name(graph, anchor, "mask_index"), dtype=np.int32)
     outputs = [m.ln.out, mask_index] + ([m.ln.x] if m.sum_used else [])
-    clear(m.nodes)
-    node = gs.Node("EmbedLayerNormalization", name=derived_name(graph, anchor, "EmbedLayerNorm"), domain=MS_DOMAIN,
-                   attrs={"epsilon": float(m.ln.epsilon)}, inputs=inputs, outputs=outputs)
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "EmbedLayerNormalization", anchor, "EmbedLayerNorm", inputs, outputs,
+                              {"epsilon": float(m.ln.epsilon)})
 
 
 @register_pass
@@ -165,32 +162,8 @@ class FuseEmbedLayerNorm(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats = {"matched": 0, "rewritten": 0}
-        skipped: list[str] = []
-        if not any(n.op == "Gather" for n in graph.nodes):
-            return PassResult(False, stats)
-        cands = ln_candidates(graph)
-        if not cands:
-            return PassResult(False, stats)
-        infer_shapes(graph, ctx)
+        cands = ln_candidates(graph) if any(n.op == "Gather" for n in graph.nodes) else []
         cast_cache: dict = {}
-        for t in cands:
-            if not t.inputs:
-                continue
-            m, reason = match(graph, t)
-            if m is None and reason is None:
-                continue
-            stats["matched"] += 1
-            reason = reason or check(graph, m)
-            if reason:
-                skipped.append(reason)
-                continue
-            if not ctx.allow_rewrite(f"EmbedLayerNormalization at {t.name}"):
-                break
-            rewrite(graph, m, cast_cache)
-            stats["rewritten"] += 1
-        changed = stats["rewritten"] > 0
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(changed, stats, skipped)
+        return run_fusion(graph, ctx, cands, {"matched": 0, "rewritten": 0}, alive=tensor_alive, match=match, check=check,
+                          rewrite=lambda g, m: rewrite(g, m, cast_cache),
+                          describe=lambda t, m: f"EmbedLayerNormalization at {t.name}")

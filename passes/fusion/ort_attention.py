@@ -24,9 +24,9 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import const_value, derived_name, weight_used_only_by
-from graphopt.shapes import infer_shapes
 
-from ._ort import MS_DOMAIN, Linear, clear, escapes, is_float32, match_linear, new_const, only_consumer, op_of, scalar, static_shape
+from ._common import is_std, node_alive, remove_nodes, run_fusion, scalar
+from ._ort import MS_DOMAIN, Linear, escapes, is_float32, match_linear, new_const, only_consumer, op_of, static_shape
 
 
 @dataclass
@@ -259,7 +259,7 @@ def rewrite(graph: gs.Graph, m: AttentionMatch, expanded: dict | None = None) ->
     inputs = [m.x, w_c, b_c]
     if m.bias is not None:
         inputs += [gs.Variable.empty(), gs.Variable.empty(), _full_bias(graph, m, expanded)]
-    clear(m.nodes)
+    remove_nodes(m.nodes)
     if m.keep_reshape is None:
         out = m.out
     else:
@@ -284,30 +284,7 @@ class FuseOrtAttention(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats = {"matched": 0, "rewritten": 0}
-        skipped: list[str] = []
-        softmaxes = [n for n in graph.nodes if n.op == "Softmax" and (n.domain or "") in ("", "ai.onnx")]
-        if not softmaxes:
-            return PassResult(False, stats)
-        infer_shapes(graph, ctx)
+        softmaxes = [n for n in graph.nodes if n.op == "Softmax" and is_std(n)]
         expanded: dict = {}
-        for sm in softmaxes:
-            if not sm.inputs or not sm.outputs:
-                continue  # taken by an earlier rewrite
-            m, reason = match(graph, sm)
-            if m is None and reason is None:
-                continue
-            stats["matched"] += 1
-            reason = reason or check(graph, m)
-            if reason:
-                skipped.append(reason)
-                continue
-            if not ctx.allow_rewrite(f"Attention at {sm.name}"):
-                break
-            rewrite(graph, m, expanded)
-            stats["rewritten"] += 1
-        changed = stats["rewritten"] > 0
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(changed, stats, skipped)
+        return run_fusion(graph, ctx, softmaxes, {"matched": 0, "rewritten": 0}, alive=node_alive, match=match, check=check,
+                          rewrite=lambda g, m: rewrite(g, m, expanded), describe=lambda sm, m: f"Attention at {sm.name}")

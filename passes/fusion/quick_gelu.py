@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
 
-from ._ort import MS_DOMAIN, clear, escapes, is_float32, only_consumer, op_of, other_input, scalar
+from ._common import is_std, node_alive, other_input, run_fusion, scalar
+from ._ort import escapes, is_float32, only_consumer, op_of, replace_with_ms_op
 
 
 @dataclass
@@ -54,12 +54,8 @@ def check(graph: gs.Graph, m: QuickGeluMatch) -> str | None:
 
 
 def rewrite(graph: gs.Graph, m: QuickGeluMatch) -> gs.Node:
-    out = m.out
-    clear(m.nodes)
-    node = gs.Node("QuickGelu", name=derived_name(graph, m.anchor.name or "quick_gelu", "QuickGelu"), domain=MS_DOMAIN,
-                   attrs={"alpha": float(m.alpha)}, inputs=[m.x], outputs=[out])
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "QuickGelu", m.anchor.name or "quick_gelu", "QuickGelu", [m.x], [m.out],
+                              {"alpha": float(m.alpha)})
 
 
 @register_pass
@@ -72,31 +68,7 @@ class FuseQuickGelu(Pass):
         pass
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        from graphopt.shapes import infer_shapes
-
-        stats = {"matched": 0, "rewritten": 0}
-        skipped: list[str] = []
-        sigs = [n for n in graph.nodes if n.op == "Sigmoid" and (n.domain or "") in ("", "ai.onnx")]
-        if not sigs:
-            return PassResult(False, stats)
-        infer_shapes(graph, ctx)
-        for s in sigs:
-            if not s.inputs or not s.outputs:
-                continue
-            m = match(s)
-            if m is None:
-                continue
-            stats["matched"] += 1
-            reason = check(graph, m)
-            if reason:
-                skipped.append(reason)
-                continue
-            if not ctx.allow_rewrite(f"QuickGelu at {s.name}"):
-                break
-            rewrite(graph, m)
-            stats["rewritten"] += 1
-        changed = stats["rewritten"] > 0
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(changed, stats, skipped)
+        sigs = [n for n in graph.nodes if n.op == "Sigmoid" and is_std(n)]
+        return run_fusion(graph, ctx, sigs, {"matched": 0, "rewritten": 0}, alive=node_alive,
+                          match=lambda g, s: (match(s), None), check=check, rewrite=rewrite,
+                          describe=lambda s, m: f"QuickGelu at {s.name}")

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult, register_pass
-from graphopt.rewrite import derived_name
-from graphopt.shapes import infer_shapes
 
-from ._ort import (MS_DOMAIN, LayerNorm, clear, escapes, is_float32, match_layernorm, op_of, static_shape)
+from ._common import is_std, run_fusion, tensor_alive
+from ._ort import LayerNorm, escapes, is_float32, match_layernorm, op_of, replace_with_ms_op, static_shape
 
 
 @dataclass
@@ -52,7 +51,7 @@ def ln_candidates(graph: gs.Graph) -> list[gs.Tensor]:
     decomposed form (cheap pre-filter; ``match_layernorm`` decides)."""
     out = []
     for n in graph.nodes:
-        if (n.domain or "") not in ("", "ai.onnx") or not n.outputs:
+        if not is_std(n) or not n.outputs:
             continue
         if n.op == "LayerNormalization":
             out.append(n.outputs[0])
@@ -121,11 +120,8 @@ def rewrite(graph: gs.Graph, m: SkipLNMatch) -> gs.Node:
     if m.sum_used:
         outputs += [gs.Variable.empty(), gs.Variable.empty(), m.ln.x]
     anchor = m.ln.nodes[-1].name or "LayerNorm"
-    clear(m.nodes)
-    node = gs.Node("SkipLayerNormalization", name=derived_name(graph, anchor, "SkipLayerNorm"), domain=MS_DOMAIN,
-                   attrs={"epsilon": float(m.ln.epsilon)}, inputs=inputs, outputs=outputs)
-    graph.nodes.append(node)
-    return node
+    return replace_with_ms_op(graph, m.nodes, "SkipLayerNormalization", anchor, "SkipLayerNorm", inputs, outputs,
+                              {"epsilon": float(m.ln.epsilon)})
 
 
 @register_pass
@@ -139,30 +135,11 @@ class FuseSkipLayerNorm(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"matched": 0, "rewritten": 0, "bias_folded": 0, "sum_output": 0}
-        skipped: list[str] = []
-        cands = ln_candidates(graph)
-        if not cands:
-            return PassResult(False, stats)
-        infer_shapes(graph, ctx)
-        for t in cands:
-            if not t.inputs:
-                continue  # taken by an earlier rewrite
-            m, reason = match(graph, t)
-            if m is None and reason is None:
-                continue
-            stats["matched"] += 1
-            reason = reason or check(graph, m)
-            if reason:
-                skipped.append(reason)
-                continue
-            if not ctx.allow_rewrite(f"SkipLayerNormalization at {t.name}"):
-                break
-            rewrite(graph, m)
-            stats["rewritten"] += 1
+
+        def rewrite_counted(g: gs.Graph, m: SkipLNMatch) -> None:
+            rewrite(g, m)
             stats["bias_folded"] += m.bias is not None
             stats["sum_output"] += m.sum_used
-        changed = stats["rewritten"] > 0
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            graph.toposort()
-        return PassResult(changed, stats, skipped)
+
+        return run_fusion(graph, ctx, ln_candidates(graph), stats, alive=tensor_alive, match=match, check=check,
+                          rewrite=rewrite_counted, describe=lambda t, m: f"SkipLayerNormalization at {t.name}")

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 from graphopt.rewrite import derived_name
 
+from ._common import fuse_each, is_std
 from ._ort import MS_DOMAIN, is_float32, op_of, static_shape
 
 
@@ -62,7 +63,7 @@ def _lower_skip_ln(graph: gs.Graph, n: gs.Node) -> None:
 
 def _fusable_by_ort(graph: gs.Graph, ln: gs.Node) -> gs.Node | None:
     """The Add that onnxruntime would fold into SkipLayerNormalization with ``ln``, else None."""
-    if ln.op != "LayerNormalization" or (ln.domain or "") not in ("", "ai.onnx"):
+    if ln.op != "LayerNormalization" or not is_std(ln):
         return None
     x = ln.inputs[0]
     add = op_of(x, "Add")
@@ -123,22 +124,20 @@ class UnfuseSkipLayerNorm(Pass):
         lns = [n for n in graph.nodes if n.op == "LayerNormalization"]
         if not skip_lns and not lns:
             return PassResult(False, stats)
-        for n in skip_lns:
-            stats["matched"] += 1
-            why = _check_lower(graph, n)
-            if why:
-                skipped.append(why)
-                continue
-            if not ctx.allow_rewrite(f"lower SkipLayerNormalization {n.name}"):
-                break
-            _lower_skip_ln(graph, n)
-            stats["rewritten"] += 1
+
+        def lower_counted(g: gs.Graph, n: gs.Node) -> None:
+            _lower_skip_ln(g, n)
             stats["lowered"] += 1
+
+        # every SkipLayerNormalization is a match (no liveness filter: lowering one leaves the others alone)
+        fuse_each(graph, ctx, skip_lns, stats, skipped, match=lambda g, n: (n, None), check=_check_lower,
+                  rewrite=lower_counted, describe=lambda n, m: f"lower SkipLayerNormalization {n.name}")
         if stats["lowered"]:
             graph.cleanup(remove_unused_graph_inputs=False)
             graph.toposort()
             ctx.cache.pop("shapes_inferred", None)
         infer_shapes(graph, ctx)
+        # not fuse_each: the 2-D view asks allow_rewrite before it knows whether it can apply
         for ln in [n for n in graph.nodes if n.op == "LayerNormalization"]:
             if _fusable_by_ort(graph, ln) is None:
                 continue
