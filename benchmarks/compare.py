@@ -381,17 +381,9 @@ def tool_plan(case: ModelCase, args) -> list[tuple[str, str, dict[str, Any]]]:
 def _count_nodes(path: Path) -> int:
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    n, stack = 0, [m.graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            n += 1
-            for a in node.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
-    return n
+    from graphopt.bench import _count_nodes as count_in_model
+
+    return count_in_model(onnx.load(str(path), load_external_data=False))
 
 
 def deviation(ref: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:

@@ -202,6 +202,14 @@ class Verification:
         bad = [o for o in self.outputs if not o.ok]
         return bad[0] if bad else None
 
+    def figures(self) -> str:
+        """The figures per output (and accuracy), one line: what lossy passes put in their notes."""
+        parts = [f"{m.name}: cos={m.cosine:.5f} rel_l2={m.rel_l2:.3g}" + (f" top1={m.top1_agreement:.3f}" if m.top1_agreement is not None else "")
+                 for m in self.outputs]
+        if self.accuracy:
+            parts.append(f"accuracy {self.accuracy['accuracy']:.4f} (fp32 {self.accuracy['accuracy_ref']:.4f})")
+        return "; ".join(parts)
+
     def summary(self) -> str:
         if self.status == "not-verified":
             return f"not verified: {self.reason}"

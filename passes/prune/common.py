@@ -213,8 +213,4 @@ class BudgetCheck:
 
         v = verify_models(self.reference, model, self.feeds, exact=False, budget=self.ctx.budget,
                           eval_data=self.ctx.eval_data, reference_outputs=self.ref)
-        parts = [f"{m.name}: cos={m.cosine:.5f}" + (f" top1={m.top1_agreement:.3f}" if m.top1_agreement is not None else "")
-                 for m in v.outputs]
-        if v.accuracy:
-            parts.append(f"accuracy {v.accuracy['accuracy']:.4f} (fp32 {v.accuracy['accuracy_ref']:.4f})")
-        return v.status == "passed", "; ".join(parts)
+        return v.status == "passed", v.figures()
