@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import ir
 from .errors import InputError
 
 LEVELS = ("disable", "basic", "extended", "all")
@@ -311,17 +312,8 @@ class ModelBench:
 
 
 def _count_nodes(model) -> int:
-    n = 0
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            n += 1
-            for a in node.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
-    return n
+    """Nodes of ``model``, subgraphs included."""
+    return sum(1 for _ in ir.proto_nodes(model.graph))
 
 
 def _ratio(x: float | None, ref: float | None) -> float | None:

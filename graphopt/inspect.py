@@ -15,20 +15,9 @@ from .data import input_specs, output_specs
 from .report import human_bytes
 
 
-def _all_nodes(g: onnx.GraphProto):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _all_nodes(sg)
-
-
 def inspect_model(path: Any) -> dict[str, Any]:
     m = ir.load(path)
-    ops = Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in _all_nodes(m.graph))
+    ops = Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in ir.proto_nodes(m.graph))
     params = 0
     weight_bytes = 0
     for t in m.graph.initializer:

@@ -268,6 +268,18 @@ def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
             t.dtype = dtype
 
 
+def proto_nodes(g: onnx.GraphProto):
+    """Every NodeProto of ``g``, depth first: a node, then the nodes of its subgraphs."""
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from proto_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from proto_nodes(sg)
+
+
 def _proto_graphs(g: onnx.GraphProto):
     yield g
     for n in g.node:

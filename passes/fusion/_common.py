@@ -306,6 +306,22 @@ def finish_fusions(graph: gs.Graph, stats: dict[str, int], skipped: list[str]) -
 # ------------------------------------------------------------------------------------------------
 
 
+def conv_weight_check(graph: gs.Graph, conv: gs.Node, reader: gs.Node) -> tuple[np.ndarray | None, str | None]:
+    """The checks every Conv-folding fusion makes before rewriting the Conv's weight: its output feeds only
+    ``reader``, weight and bias are private constants, the weight has a channel layout. Returns (W, None)
+    or (None, reason)."""
+    if not only_feeds(graph, conv.outputs[0], [reader]):
+        return None, f"{conv.op} output is a graph output or read by other nodes"
+    w_t, b_t = present(conv, 1), present(conv, 2)
+    r = private_weight_reason(w_t, [conv], f"{conv.op} weight") or private_weight_reason(b_t, [conv], f"{conv.op} bias")
+    if r:
+        return None, r
+    w = const_value(w_t)
+    if w.ndim < 3:
+        return None, f"{conv.op} weight has rank {w.ndim}"
+    return w, None
+
+
 def conv_out_channels(conv: gs.Node, w: np.ndarray) -> int:
     """Output channels of a Conv (W is [M, C/g, k...]) or ConvTranspose (W is [C, M/g, k...])."""
     if conv.op == "ConvTranspose":

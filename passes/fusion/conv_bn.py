@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 from graphopt import PassContext, register_pass
 from graphopt.rewrite import const_value
 
-from ._common import (FusionPass, Match, conv_out_channels, float_dtype_reason, new_const, only_feeds, present,
-                      private_weight_reason, prod, remove_nodes, scale_conv_weight)
+from ._common import (conv_out_channels, conv_weight_check, float_dtype_reason, FusionPass, Match, new_const,
+                      present, prod, remove_nodes, scale_conv_weight)
 
 
 def bn_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
@@ -62,20 +62,14 @@ class FuseConvBN(FusionPass):
 
     def check(self, m: Match, graph: gs.Graph, ctx: PassContext) -> str | None:
         conv, bn = m["conv"], m["bn"]
-        if not only_feeds(graph, conv.outputs[0], [bn]):
-            return f"{conv.op} output is a graph output or read by other nodes"
-        w_t, b_t = present(conv, 1), present(conv, 2)
-        r = private_weight_reason(w_t, [conv], f"{conv.op} weight") or private_weight_reason(b_t, [conv], f"{conv.op} bias")
+        w, r = conv_weight_check(graph, conv, bn)
         if r:
             return r
-        w = const_value(w_t)
-        if w.ndim < 3:
-            return f"{conv.op} weight has rank {w.ndim}"
         m.data["w"] = w
         r = bn_reason(bn, conv_out_channels(conv, w))
         if r:
             return r
-        return float_dtype_reason(w_t, b_t, bn.outputs[0], *[present(bn, i) for i in range(1, 5)])
+        return float_dtype_reason(present(conv, 1), present(conv, 2), bn.outputs[0], *[present(bn, i) for i in range(1, 5)])
 
     def rewrite(self, m: Match, graph: gs.Graph, ctx: PassContext) -> None:
         conv, bn, w = m["conv"], m["bn"], m["w"]

@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 from graphopt import PassContext, register_pass
 from graphopt.rewrite import const_value
 
-from ._common import (FusionPass, Match, conv_out_channels, float_dtype_reason, new_const, only_feeds, present,
-                      private_weight_reason, prod, remove_nodes, scale_conv_weight)
+from ._common import (conv_out_channels, conv_weight_check, float_dtype_reason, FusionPass, Match, new_const,
+                      present, prod, remove_nodes, scale_conv_weight)
 
 
 def per_channel(v: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
@@ -53,22 +53,16 @@ class FuseConvScale(FusionPass):
 
     def check(self, m: Match, graph: gs.Graph, ctx: PassContext) -> str | None:
         conv, op = m["conv"], m.anchor
-        if not only_feeds(graph, conv.outputs[0], [op]):
-            return f"{conv.op} output is a graph output or read by other nodes"
-        w_t, b_t = present(conv, 1), present(conv, 2)
-        r = private_weight_reason(w_t, [conv], f"{conv.op} weight") or private_weight_reason(b_t, [conv], f"{conv.op} bias")
+        w, r = conv_weight_check(graph, conv, op)
         if r:
             return r
-        w = const_value(w_t)
-        if w.ndim < 3:
-            return f"{conv.op} weight has rank {w.ndim}"
         k = per_channel(const_value(m["k"]), w.ndim, conv_out_channels(conv, w))
         if k is None:
             return f"{op.op} constant of shape {list(const_value(m['k']).shape)} is not per output channel"
         if op.op == "Div" and not np.all(k != 0):
             return "Div by a constant with zeros"
         m.data.update(w=w, kv=k)
-        return float_dtype_reason(w_t, b_t, m["k"], op.outputs[0])
+        return float_dtype_reason(present(conv, 1), present(conv, 2), m["k"], op.outputs[0])
 
     def rewrite(self, m: Match, graph: gs.Graph, ctx: PassContext) -> None:
         conv, op, w, k = m["conv"], m.anchor, m["w"], m["kv"]

@@ -46,6 +46,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt import ir
+
 DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
 DISK_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
 KINDS = ("node",) + DISK_KINDS + ("light",)
@@ -406,22 +408,11 @@ def fidelity_diff(original: onnx.ModelProto, optimized: onnx.ModelProto, *, body
     if body and count_nodes(g0) != count_nodes(g1):
         diffs.append(f"node count {count_nodes(g1)} != {count_nodes(g0)}")
     elif body:
-        for a, b in zip(_walk_nodes(g0), _walk_nodes(g1)):
+        for a, b in zip(ir.proto_nodes(g0), ir.proto_nodes(g1)):
             if _node_key(a) != _node_key(b):
                 diffs.append(f"node '{a.name or a.op_type}' changed (op, domain, name, doc_string, inputs, outputs or attributes)")
                 break
     return diffs
-
-
-def _walk_nodes(g: onnx.GraphProto):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _walk_nodes(sg)
 
 
 def _attr_bytes(a: onnx.AttributeProto) -> bytes:
