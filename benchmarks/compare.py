@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -32,7 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -408,8 +407,6 @@ def deviation(ref: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray |
 
 
 def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    import onnx
-    import onnxruntime as ort
 
     from graphopt.bench import interleaved_latency, ort_session
 

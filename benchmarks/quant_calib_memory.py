@@ -9,7 +9,6 @@ the process's peak RSS before and after calibration.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 

@@ -229,7 +229,6 @@ class _Builder:
 
     def visit(self, i: int, node: gs.Node, lays: list[_Layout | None]) -> None:
         op = node.op
-        name = node.name or op
         if any(isinstance(a, gs.Graph) for a in node.attrs.values()) or (node.domain or "") not in ("", "ai.onnx"):
             raise _Block(f"{op} is not analysed")
         if op == "Conv":

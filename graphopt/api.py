@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import onnx
 
 from . import ir
 from .data import CannotGenerate, Feeds, calibration_source, generate_feeds, load_feeds
-from .errors import InputError, PipelineError, VerificationError
+from .errors import InputError, VerificationError
 from .manager import Instrument, PassCrashed, PassManager
 from .pass_base import Budget, PassContext, load_plugin
 from .pipeline import Pipeline, parse_pipeline

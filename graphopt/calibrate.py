@@ -10,7 +10,7 @@ between the observed min and max and clips both tails at the given percentile).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np

@@ -12,9 +12,9 @@ from typing import Iterable
 import onnx_graphsurgeon as gs
 
 from . import lineage
-from .errors import GraphoptError, PipelineError
+from .errors import GraphoptError
 from .pass_base import Pass, PassContext, PassResult
-from .pipeline import Element, Fixpoint, PassSpec, Pipeline, PresetRef, format_pass, parse_pipeline
+from .pipeline import Element, Fixpoint, Pipeline, PresetRef, format_pass, parse_pipeline
 from .report import PassRecord, Report, constant_bytes, op_histogram
 
 

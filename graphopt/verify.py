@@ -10,7 +10,6 @@ string outputs must be equal; NaN must stay NaN at the same places. Shapes and d
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from .data import Feeds, generate_feeds, output_specs
+from .data import Feeds, generate_feeds
 from .errors import InputError
 
 EXACT_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 1e-2, "bfloat16": 5e-2}

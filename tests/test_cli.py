@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.cli import main
 
 
 def _cli(*args, cwd=None):

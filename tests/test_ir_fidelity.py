@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.parser
-import pytest
 
 from graphopt import ir
 from graphopt.api import optimize

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from graphopt import PassContext, register_pass
 from graphopt.rewrite import const_value, derived_name
 
-from ._common import (FusionPass, Match, float_dtype_reason, new_var, only_feeds, opset_reason, other_input, prod, rank_of,
+from ._common import (FusionPass, Match, float_dtype_reason, new_var, only_feeds, opset_reason, prod, rank_of,
                       remove_nodes, scalar, sole_consumer)
 
 

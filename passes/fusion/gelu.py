@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import PassContext, register_pass
 
-from ._common import (FusionPass, Match, float_dtype_reason, is_scalar, mul_chain_from, new_var, only_feeds, opset_reason,
+from ._common import (FusionPass, Match, float_dtype_reason, is_scalar, mul_chain_from, only_feeds, opset_reason,
                       other_input, prod, product_leaves, remove_nodes, sole_consumer)
 
 SQRT2 = math.sqrt(2.0)

@@ -56,7 +56,7 @@ class FuseMatMulAdd(FusionPass):
         return None
 
     def check(self, m: Match, graph: gs.Graph, ctx: PassContext) -> str | None:
-        mm, c = m["mm"], m["c"]
+        mm = m["mm"]
         if not only_feeds(graph, mm.outputs[0], [m.anchor]):
             return f"{mm.op} output is a graph output or read by other nodes"
         if mm.op == "Gemm":

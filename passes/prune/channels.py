@@ -638,7 +638,6 @@ class PruneChannels(Pass):
         error per FLOP saved, until the FLOPs (computed exactly for the combination) reach the target.
         Error of a step = measured sensitivity (1 - output cosine with that group alone pruned at that
         ratio, on calibration data), or without calibration the share of the group's importance removed."""
-        o = self.options
         steps = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
         target = target_flops * flops0
         flops_of = self._flops_model(groups, nodes)

@@ -142,7 +142,7 @@ def budget_notes(ctx, original_model, graph: gs.Graph) -> tuple[list[str], dict[
     feeds = [f for _, f in zip(range(4), ctx.calibration_batches())] or list(ctx.verify_feeds)
     if feeds:
         r0, r1 = ctx.session(original_model), ctx.session(pruned)
-        cos, agree, n = [], [], 0
+        cos, agree = [], []
         for f in feeds:
             o0, o1 = r0.run(f), r1.run(f)
             for k in o0:

@@ -369,7 +369,6 @@ class QuantizeInt8(Pass):
     def _static_or_dynamic(self, graph, ctx, plan: Plan, qp: QuantParams, by_name) -> tuple[Plan, str]:
         """Time the whole model with its MatMul/Gemm static (QDQ) and dynamic; keep the faster."""
         from graphopt import latency
-        from graphopt.data import generate_feeds
 
         movable = {n for n in plan.static if by_name[n].op in ("Gemm", "MatMul")}
         alt = Plan(plan.static - movable, plan.dynamic | movable, set(plan.embed))

@@ -281,7 +281,6 @@ def test_exclude_and_include_options():
 
 
 def test_round_to_keeps_hardware_friendly_widths():
-    m = residual_model()
     m2 = make_model(RESIDUAL.replace("[1,4,6,6] x", "[1,4,6,6] x"), wa=w(16, 4, 3, 3), wb=w(16, 16, 3, 3),
                     wc=w(16, 16, 3, 3), wy=w(3, 16, 1, 1))
     out, _ = run_pipeline(m2, "prune-channels{ratio=0.3}")  # 16 * 0.7 = 11.2 -> 8 kept (round-to=8)

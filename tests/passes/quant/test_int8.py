@@ -253,7 +253,6 @@ def test_calibration_streams_and_matches_full_statistics():
     from graphopt.calibrate import collect_stats
 
     model = conv_model()
-    graph = ir.import_model(model)
     calib = feeds_for(model, 6, 2)
     seen = []
 
