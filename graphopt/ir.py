@@ -6,17 +6,23 @@ Data flows one way: file -> :func:`load` -> :func:`import_model` -> passes -> :f
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.exporters.onnx_exporter import (
+    OnnxExporter,
+    update_import_domains,
+)
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from . import lineage
 from .errors import InputError
@@ -35,12 +41,13 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
 
     Raises :class:`InputError` with a one-line message for anything that is not a usable ONNX model.
     """
-    checked_path = None
+    data = None
     if isinstance(src, onnx.ModelProto):
         model = src
         base_dir = None
     elif isinstance(src, (bytes, bytearray, memoryview)):
-        model = _parse_bytes(bytes(src), "the given bytes")
+        data = bytes(src)
+        model = _parse_bytes(data, "the given bytes")
         base_dir = None
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -56,9 +63,7 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
             raise InputError(f"{path}: empty file")
         model = _parse_bytes(data, str(path))
         base_dir = path.parent
-        checked_path = path
         if _uses_external_data(model):
-            checked_path = None
             for t in onnx.external_data_helper._get_all_tensors(model):
                 if t.data_location == onnx.TensorProto.EXTERNAL:
                     loc = next((e.value for e in t.external_data if e.key == "location"), "")
@@ -74,7 +79,7 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
     else:
         raise InputError(f"cannot load a model from {type(src).__name__}")
     if check:
-        check_model(model, str(src) if base_dir else "model", path=checked_path)
+        check_model(model, str(src) if base_dir else "model", data=data)
     return model
 
 
@@ -95,62 +100,213 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def check_model(model: onnx.ModelProto, what: str = "model", path: Path | None = None) -> None:
+def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None = None) -> None:
     """onnx.checker plus the structural checks the checker does not do (cycles, duplicate names).
 
-    ``path``: the file ``model`` was parsed from (no external data); the checker then reads it in C++
-    instead of re-serializing the model in Python (which costs as much as saving it).
+    The checker runs on :func:`light_model` (weights left out: serializing 20 MB of weights for the
+    C++ checker costs as much as saving the model); what it would check on those weights is checked
+    here instead (:func:`_check_weights`; ``data``, the bytes ``model`` was parsed from, makes that
+    cheaper).
     """
     check_structure(model.graph, what)  # first: its messages are more specific than the checker's
     try:
-        if path is not None and path.stat().st_size < _SIZE_LIMIT:
-            onnx.checker.check_model(str(path))
-        elif approx_size(model) < _SIZE_LIMIT:
-            onnx.checker.check_model(model)
+        _check_weights(model, what, data)
+        light = light_model(model)
+        if approx_size(light) < _SIZE_LIMIT:
+            onnx.checker.check_model(light)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
 
 
-def check_structure(graph: onnx.GraphProto, what: str = "model", outer: set[str] | None = None) -> None:
-    """Duplicate tensor names and cycles (nodes that cannot be ordered)."""
-    produced: dict[str, int] = {}
-    known = set(outer or ())
-    for i in graph.input:
-        known.add(i.name)
-    for t in graph.initializer:
-        known.add(t.name)
-    for t in graph.sparse_initializer:
-        known.add(t.values.name)
-    for idx, n in enumerate(graph.node):
-        for o in n.output:
-            if not o:
-                continue
-            if o in produced or o in {i.name for i in graph.input}:
-                raise InputError(f"{what}: duplicate tensor name '{o}' (produced twice)")
-            produced[o] = idx
-    # Kahn's algorithm over node indices; names from outer scopes count as available.
-    avail = known | set()
-    pending = list(range(len(graph.node)))
-    deps = []
-    for n in graph.node:
-        ins = {i for i in n.input if i}
+_LIGHT_BYTES = 4096  # initializers up to this size stay in a light model (shape arithmetic needs them)
+
+
+def _is_heavy(t: onnx.TensorProto) -> bool:
+    """A weight a light model leaves out: a float tensor stored in raw_data, over ``_LIGHT_BYTES``
+    (integer tensors stay: they may be shapes or indices that shape inference reads)."""
+    return (t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                            onnx.TensorProto.DOUBLE)
+            and t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
+            and _nbytes(t) > _LIGHT_BYTES)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """The bytes ``t``'s dims and type call for (-1 for a negative dim).  Never reads the data: upb
+    copies a bytes field on every read, and its ``ByteSize()`` encodes the message to measure it."""
+    try:
+        n = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return -1
+    for d in t.dims:
+        if d < 0:
+            return -1
+        n *= d
+    return n
+
+
+def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.ModelProto:
+    """``model`` without its heavy weights: each becomes a graph input of the same type and shape (IR
+    4 and later let an input stand for a weight; for IR 3 every initializer is an input anyway).
+    Nodes, signature, value_info (unless ``value_info=False``), small initializers and subgraphs are
+    copied as they are.  What the checker and shape inference see is the same model, at a fraction of
+    the bytes."""
+    g = model.graph
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(m, f, getattr(model, f))
+    lg = m.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    if value_info:
+        lg.value_info.extend(g.value_info)
+    lg.sparse_initializer.extend(g.sparse_initializer)
+    listed = {vi.name for vi in g.input}
+    for t in g.initializer:
+        if not _is_heavy(t):
+            lg.initializer.append(t)
+        elif t.name not in listed:
+            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None) -> None:
+    """The checks onnx.checker makes on the weights :func:`light_model` leaves out.
+
+    ``data``: the bytes ``model`` was parsed from; their wire format gives each weight's byte count
+    without reading the weight (upb copies a bytes field on every read: over a whole model, a second
+    model's worth of memory traffic)."""
+    g = model.graph
+    listed = {vi.name for vi in g.input} if model.ir_version < 4 else None
+    lengths = _raw_lengths(data) if data is not None else None
+    if lengths is not None and len(lengths) != len(g.initializer):
+        lengths = None
+    for i, t in enumerate(g.initializer):
+        if not _is_heavy(t):
+            continue
+        if listed is not None and t.name not in listed:
+            raise InputError(f"{what}: fails onnx.checker: {t.name} in initializer but not in graph input")
+        have = lengths[i] if lengths is not None and lengths[i] >= 0 else len(t.raw_data)
+        need = _nbytes(t)
+        if have < need:
+            raise InputError(f"{what}: fails onnx.checker: TensorProto (tensor name: {t.name}) raw_data size "
+                             f"({have} bytes) is too small for the declared shape and type ({need} bytes required).")
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, i
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(field number, wire type, value start, value end) of each field of one protobuf message."""
+    i = start
+    while i < end:
+        tag, i = _varint(buf, i)
+        wt = tag & 7
+        if wt == 0:
+            j = _varint(buf, i)[1]
+        elif wt == 1:
+            j = i + 8
+        elif wt == 5:
+            j = i + 4
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            j = i + n
+        else:
+            raise ValueError("group fields are not used by ONNX")
+        yield tag >> 3, wt, i, j
+        i = j
+
+
+def _raw_lengths(data: bytes) -> list[int] | None:
+    """Byte count of raw_data (-1 if absent) of each top-level initializer, in order, read off the
+    serialized ModelProto (graph = field 7, GraphProto.initializer = 5, TensorProto.raw_data = 9)."""
+    try:
+        buf = memoryview(data)
+        out: list[int] = []
+        for f, wt, a, b in _fields(buf, 0, len(buf)):
+            if f == 7 and wt == 2:
+                for gf, gwt, ga, gb in _fields(buf, a, b):
+                    if gf == 5 and gwt == 2:
+                        n = -1
+                        for tf, twt, ta, tb in _fields(buf, ga, gb):
+                            if tf == 9 and twt == 2:
+                                n = tb - ta
+                        out.append(n)
+        return out
+    except (ValueError, IndexError):
+        return None
+
+
+_SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
+
+
+def _reads(n: onnx.NodeProto) -> set[str]:
+    """Names ``n`` reads: its inputs and what its subgraphs take from outer scopes."""
+    ins = {i for i in n.input if i}
+    if n.op_type in _SUBGRAPH_OPS or n.domain not in ("", "ai.onnx"):
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 ins |= _outer_refs(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
                     ins |= _outer_refs(g)
-        deps.append({i for i in ins if i in produced})
-    done: set[int] = set()
-    ready_names = set(avail)
+    return ins
+
+
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """True if a node of ``graph`` has a subgraph attribute (If, Loop, Scan, or a custom op's)."""
+    for n in graph.node:
+        if (n.op_type in _SUBGRAPH_OPS or n.domain not in ("", "ai.onnx")) and any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            return True
+    return False
+
+
+def check_structure(graph: onnx.GraphProto, what: str = "model", outer: set[str] | None = None) -> None:
+    """Duplicate tensor names and cycles (nodes that cannot be ordered)."""
+    inputs = {i.name for i in graph.input}
+    known = set(outer or ()) | inputs
+    known.update(t.name for t in graph.initializer)
+    known.update(t.values.name for t in graph.sparse_initializer)
+    produced: set[str] = set()
+    in_order = True  # the common case: one walk shows every node reads only what came before it
+    avail = set(known)
+    for n in graph.node:
+        if in_order and not _reads(n) <= avail:
+            in_order = False
+        for o in n.output:
+            if not o:
+                continue
+            if o in produced or o in inputs:
+                raise InputError(f"{what}: duplicate tensor name '{o}' (produced twice)")
+            produced.add(o)
+            avail.add(o)
+    if in_order:
+        return
+    # Kahn's algorithm over node indices; names from outer scopes, and names nothing produces (the
+    # checker's business), count as available.
+    deps = [{i for i in _reads(n) if i in produced} for n in graph.node]
+    pending = list(range(len(graph.node)))
+    ready_names = set(known)
     changed = True
     while pending and changed:
         changed = False
         rest = []
         for idx in pending:
-            if all(d in ready_names for d in deps[idx]):
-                done.add(idx)
+            if deps[idx] <= ready_names:
                 ready_names.update(o for o in graph.node[idx].output if o)
                 changed = True
             else:
@@ -175,15 +331,112 @@ def _outer_refs(g: onnx.GraphProto) -> set[str]:
     return refs
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while building the IR or a proto: both only allocate (tens of
+    thousands of objects for a transformer), and each full collection would walk all of them again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
-    try:
-        graph = gs.import_onnx(model)
-    except Exception as e:  # gs raises plain exceptions on odd models
-        raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
-    _import_what_gs_skips(model.graph, graph, model.ir_version)
-    lineage.from_proto(graph, model.graph)  # which pass made each node, if graphopt wrote this model
+    with _gc_paused():
+        try:
+            graph = gs.import_onnx(model)
+        except Exception as e:  # gs raises plain exceptions on odd models
+            raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
+        _import_what_gs_skips(model.graph, graph, model.ir_version)
+        lineage.from_proto(graph, model.graph)  # which pass made each node, if graphopt wrote this model
+        _remember_source(graph, model)
     return graph
+
+
+_PRISTINE = "_graphopt_pristine"
+_SOURCE_NODES = "_graphopt_source_nodes"
+
+
+def _attr_snapshot(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, gs.Constant) and not isinstance(v._values, LazyValues) or hasattr(v, "__array__"):
+        return object()  # an array a pass may have edited in place: never taken as unchanged
+    return None
+
+
+def _remember_source(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Keep, on the imported graph, the model it came from (until a pass changes the graph: see
+    :func:`pristine_source`) and each top-level node's NodeProto with what it was imported as, so
+    that export can write the nodes no pass touched by copying their protos (:func:`_export_nodes`)."""
+    graph.__dict__[_PRISTINE] = model
+    if len(model.graph.node) != len(graph.nodes):
+        return
+    src = {}
+    for n, p in zip(graph.nodes, model.graph.node):
+        if n.op != p.op_type or any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
+                                    for v in n.attrs.values()):
+            continue
+        src[id(n)] = (n, p, _node_key(n))
+    graph.__dict__[_SOURCE_NODES] = src
+
+
+def _node_key(n: gs.Node) -> tuple:
+    """Everything of ``n`` its NodeProto holds: a pass that changes any of it, in place or not,
+    changes the key (attribute values by identity and, for lists, by content; a Constant attribute by
+    the identity of its values)."""
+    return (n.op, n.domain or "", n.name or "", tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs),
+            tuple((k, id(v), _attr_snapshot(v), id(getattr(v, "_values", None))) for k, v in n.attrs.items()))
+
+
+def pristine_source(graph: gs.Graph) -> onnx.ModelProto | None:
+    """The model ``graph`` was imported from, as long as nothing changed the graph since."""
+    return graph.__dict__.get(_PRISTINE)
+
+
+def mark_changed(graph: gs.Graph) -> None:
+    """Called by the pass manager when a pass changed ``graph``: it no longer is its source model."""
+    graph.__dict__.pop(_PRISTINE, None)
+
+
+def _unchanged_proto(n: gs.Node, entry) -> onnx.NodeProto | None:
+    """The imported NodeProto of ``n`` if ``n`` is still what was imported, else None."""
+    node, p, key = entry
+    return p if node is n and _node_key(n) == key else None
+
+
+def _export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
+    src = graph.__dict__.get(_SOURCE_NODES) or {}
+    out = []
+    for n in graph.nodes:
+        entry = src.get(id(n))
+        p = _unchanged_proto(n, entry) if entry is not None else None
+        out.append(p if p is not None else OnnxExporter.export_node(n))
+    return out
+
+
+def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto) -> None:
+    """gs's ``OnnxExporter.export_graph`` into ``g``, copying the NodeProtos of untouched nodes instead
+    of exporting them again (most nodes, in a lightly optimized model; gs spends ~50 us on each), and
+    copying the weights once (make_graph + make_model copy them twice)."""
+    g.node.extend(_export_nodes(graph))
+    g.name = graph.name or ""
+    if graph.doc_string:
+        g.doc_string = graph.doc_string
+    g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensors = graph.tensors()
+    g.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in tensors.values()
+                         if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues))
+    g.sparse_initializer.extend(OnnxExporter.export_sparse_tensor_proto(t) for t in tensors.values()
+                                if isinstance(t, gs.Constant) and isinstance(t._values, SparseValues))
+    io = {t.name for t in list(graph.inputs) + list(graph.outputs)}
+    g.value_info.extend(OnnxExporter.export_value_info_proto(t, False) for name, t in tensors.items()
+                        if name not in io and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None))
 
 
 def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
@@ -262,7 +515,14 @@ def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
                 hidden.append((t, t.dtype))
                 t.dtype = None
     try:
-        return gs.export_onnx(graph, do_type_check=False)
+        model = onnx.ModelProto()
+        model.ir_version = graph.ir_version if graph.ir_version is not None else onnx.IR_VERSION
+        _export_graph_proto(graph, model.graph)
+        model.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
+        model.opset_import.extend(update_import_domains(graph))
+        model.producer_name = graph.producer_name or ""
+        model.producer_version = graph.producer_version or ""
+        return model
     finally:
         for t, dtype in hidden:
             t.dtype = dtype
@@ -283,6 +543,8 @@ def proto_nodes(g: onnx.GraphProto):
 def _proto_graphs(g: onnx.GraphProto):
     yield g
     for n in g.node:
+        if n.op_type not in _SUBGRAPH_OPS and n.domain in ("", "ai.onnx"):
+            continue  # only control flow (and custom ops) carry subgraphs
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from _proto_graphs(a.g)
@@ -370,6 +632,11 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
+    with _gc_paused():
+        return _export_model(graph, template)
+
+
+def _export_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
     model = _gs_export(graph)
     lineage.to_proto(graph, model.graph)  # node metadata: the pass that created or changed it
     if template is not None:
@@ -446,12 +713,14 @@ def approx_size(model: onnx.ModelProto) -> int:
     """The serialized size to within a few bytes per tensor, without serializing the model.
 
     upb's ``ByteSize()`` on a whole model costs about as much as ``SerializeToString()``; summing the
-    parts (raw tensor bytes are only measured) is ~20x cheaper.  Good for thresholds and reports.
+    parts (raw tensor bytes are counted from dims and type, never read: reading copies them) is
+    ~20x cheaper.  Good for thresholds and reports.
     """
     g = model.graph
     total = 64
     for t in g.initializer:
-        total += (len(t.raw_data) + 64 + 16 * len(t.dims)) if t.HasField("raw_data") else t.ByteSize() + 8
+        n = _nbytes(t) if t.HasField("raw_data") else -1
+        total += (n + 64 + 16 * len(t.dims)) if n >= 0 else t.ByteSize() + 8
     for part in (g.node, g.input, g.output, g.value_info, g.sparse_initializer, model.functions, model.opset_import,
                  model.metadata_props):
         total += sum(p.ByteSize() + 4 for p in part)

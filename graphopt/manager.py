@@ -11,7 +11,7 @@ from typing import Iterable
 
 import onnx_graphsurgeon as gs
 
-from . import lineage
+from . import ir, lineage
 from .errors import GraphoptError
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import Element, Fixpoint, Pipeline, PresetRef, format_pass, parse_pipeline
@@ -175,6 +175,7 @@ class PassManager:
         )
         if result.changed:
             ctx.cache.clear()  # analyses of the old graph are stale
+            ir.mark_changed(graph)
             _, sigs1 = lineage.mark(graph, sigs, p.name)
             self._cached = (graph, hist1, rec.const_bytes_after, sigs1)
         self.report.passes.append(rec)

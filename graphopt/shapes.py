@@ -56,19 +56,23 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
     return m
 
 
-def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None) -> int:
+def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None,
+                 light: onnx.ModelProto | None = None) -> int:
     """Infer dtypes and shapes and write them onto the graph's tensors; returns how many were set.
 
     Symbolic dims stay symbolic (strings).  Inference failures leave the graph as it is.  The graph's
     inputs and outputs keep their declared types (inference may invent names like ``unk__0`` for
-    unknown dims, or know a dim the model leaves open).
+    unknown dims, or know a dim the model leaves open).  ``light``: the graph as a light model
+    (:func:`graphopt.ir.light_model`), when the caller has one cheaper than exporting the graph.
     """
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph:
         return 0
     tmpl = template if template is not None else (ctx.model_template if ctx is not None else None)
-    ir.toposort(graph)
+    if light is None:
+        ir.toposort(graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_light_model(graph, tmpl), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light if light is not None else _light_model(graph, tmpl),
+                                                     strict_mode=False, data_prop=True)
     except Exception:
         return 0
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}

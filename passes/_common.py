@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt import ir
 from graphopt.errors import InputError
 
 
@@ -174,7 +175,12 @@ def ensure_shapes(graph: gs.Graph, ctx) -> None:
 
     if ctx is not None and ctx.cache.get("shapes_inferred") is graph and shapes_derived(graph):
         return
-    if apply_input_shapes(graph, ctx) or not shapes_derived(graph):
+    light = None
+    changed_inputs = apply_input_shapes(graph, ctx)
+    if changed_inputs or not shapes_derived(graph):
+        src = ir.pristine_source(graph) if not changed_inputs else None
+        if src is not None and not ir.has_subgraphs(src.graph):
+            light = ir.light_model(src, value_info=False)  # the graph as imported, without exporting it
         io = {id(t) for g in all_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
         for g in all_graphs(graph):
             for t in g.tensors().values():
@@ -186,7 +192,7 @@ def ensure_shapes(graph: gs.Graph, ctx) -> None:
     try:
         if ctx is not None:
             ctx.cache.pop("shapes_inferred", None)
-        infer_shapes(graph, ctx)
+        infer_shapes(graph, ctx, light=light)
     finally:
         for t, dt, sh in saved:
             t.dtype, t.shape = dt, sh

@@ -72,6 +72,19 @@ def _checker_fails_model(tmp_path) -> Path:
     return p
 
 
+def _short_weight_model(tmp_path) -> Path:
+    # a 64x64 weight whose raw_data holds 100 bytes: parses, fails onnx.checker
+    w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    w.raw_data = w.raw_data[:100]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 64])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = tmp_path / "short_weight.onnx"
+    p.write_bytes(m.SerializeToString())
+    return p
+
+
 def _missing_external(tmp_path, fixtures_dir) -> Path:
     m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
     d = tmp_path / "ext"
@@ -82,7 +95,7 @@ def _missing_external(tmp_path, fixtures_dir) -> Path:
 
 
 @pytest.mark.parametrize("case", [
-    "missing", "directory", "empty", "truncated", "not-onnx", "checker", "cycle", "duplicate", "missing-external-data",
+    "missing", "directory", "empty", "truncated", "not-onnx", "checker", "short-weight", "cycle", "duplicate", "missing-external-data",
     "output-is-input", "output-folder-missing", "output-unwritable", "unknown-pass", "bad-option", "bad-pipeline",
     "missing-o", "bad-input-shape", "bad-inputs-file",
 ])
@@ -106,6 +119,8 @@ def test_bad_input(case, tmp_path, model, fixtures_dir):
         args, expect = [tmp_path / "n.onnx", "-o", out], "not an ONNX model"
     elif case == "checker":
         args, expect = [_checker_fails_model(tmp_path), "-o", out], "onnx.checker"
+    elif case == "short-weight":
+        args, expect = [_short_weight_model(tmp_path), "-o", out], "raw_data size (100 bytes) is too small"
     elif case == "cycle":
         args, expect = [_cycle_model(tmp_path), "-o", out], ""
     elif case == "duplicate":

@@ -130,3 +130,82 @@ def test_load_errors(tmp_path):
         graphopt.load(3)
     with pytest.raises(InputError, match="not an ONNX model"):
         graphopt.load(b"\x01\x02garbage")
+
+
+def _short_weight(n_bytes: int, ir_version: int = 8, listed: bool = False) -> onnx.ModelProto:
+    w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    w.raw_data = w.raw_data[:n_bytes]
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])]
+    if listed:
+        inputs.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [64, 64]))
+    g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g", inputs,
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 64])], [w])
+    return onnx.helper.make_model(g, ir_version=ir_version, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("source", ["model", "bytes", "file"])
+def test_checker_runs_without_weights_and_still_checks_them(source, tmp_path):
+    # the checker sees a light model; a weight shorter than its dims is still refused, for every source
+    for m, ok in [(_short_weight(64 * 64 * 4), True), (_short_weight(100), False)]:
+        src = m if source == "model" else m.SerializeToString()
+        if source == "file":
+            (tmp_path / "m.onnx").write_bytes(src)
+            src = tmp_path / "m.onnx"
+        if ok:
+            graphopt.load(src)
+        else:
+            with pytest.raises(InputError, match=r"raw_data size \(100 bytes\) is too small .*16384 bytes required"):
+                graphopt.load(src)
+
+
+def test_checker_light_model_keeps_ir3_rule():
+    with pytest.raises(InputError, match="W in initializer but not in graph input"):
+        graphopt.load(_short_weight(64 * 64 * 4, ir_version=3))
+    graphopt.load(_short_weight(64 * 64 * 4, ir_version=3, listed=True))
+
+
+def test_raw_lengths_read_off_the_wire(fixtures_dir):
+    m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    lengths = ir._raw_lengths(m.SerializeToString())
+    assert lengths == [len(t.raw_data) if t.HasField("raw_data") else -1 for t in m.graph.initializer]
+    assert ir._raw_lengths(b"\xff\xff") is None  # malformed: the caller falls back to reading the field
+
+
+def test_light_model_leaves_out_only_large_float_weights(fixtures_dir):
+    m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    light = ir.light_model(m)
+    kept = {t.name for t in light.graph.initializer}
+    for t in m.graph.initializer:
+        big = t.data_type == onnx.TensorProto.FLOAT and ir._nbytes(t) > ir._LIGHT_BYTES
+        assert (t.name not in kept) == big
+        if big:
+            vi = next(v for v in light.graph.input if v.name == t.name)
+            assert [d.dim_value for d in vi.type.tensor_type.shape.dim] == list(t.dims)
+    assert "conv2.weight" not in kept and "conv1.weight" in kept  # 4608 bytes out, 864 bytes in
+    onnx.checker.check_model(light)
+    assert light.ByteSize() < m.ByteSize()
+
+
+def test_export_copies_untouched_nodes_and_reexports_changed_ones():
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 4] x) => (float[4, 3, 2] y, float[2, 3, 4] z) {
+        t = Transpose <perm = [2, 1, 0]> (x)
+        y = Relu(t)
+        z = Neg(x)
+    }""")
+    m.graph.node[2].doc_string = "kept when the node is untouched"
+    g = ir.import_model(m)
+    out = ir.export_graph(g, m)
+    assert [n.doc_string for n in out.graph.node] == ["", "", "kept when the node is untouched"]
+    # in-place edits a pass may make: a list attribute, a tensor name, an input swapped
+    g = ir.import_model(m)
+    tr, relu, neg = g.nodes
+    tr.attrs["perm"][0], tr.attrs["perm"][2] = 0, 2
+    tr.outputs[0].name = "renamed"
+    neg.inputs[0] = relu.outputs[0]
+    out = ir.export_graph(g, m)
+    perm = next(a.ints for a in out.graph.node[0].attribute if a.name == "perm")
+    assert list(perm) == [0, 1, 2]
+    assert list(out.graph.node[0].output) == ["renamed"] and list(out.graph.node[1].input) == ["renamed"]
+    assert list(out.graph.node[2].input) == ["y"]
