@@ -372,7 +372,7 @@ def _attr_snapshot(v: Any) -> Any:
 def _remember_source(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """Keep, on the imported graph, the model it came from (until a pass changes the graph: see
     :func:`pristine_source`) and each top-level node's NodeProto with what it was imported as, so
-    that export can write the nodes no pass touched by copying their protos (:func:`_export_nodes`)."""
+    that export can write the nodes no pass touched by copying their protos (:func:`export_nodes`)."""
     graph.__dict__[_PRISTINE] = model
     if len(model.graph.node) != len(graph.nodes):
         return
@@ -409,7 +409,8 @@ def _unchanged_proto(n: gs.Node, entry) -> onnx.NodeProto | None:
     return p if node is n and _node_key(n) == key else None
 
 
-def _export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
+def export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
+    """The NodeProtos of ``graph``'s nodes: for a node no pass touched, the one it was imported from."""
     src = graph.__dict__.get(_SOURCE_NODES) or {}
     out = []
     for n in graph.nodes:
@@ -423,7 +424,7 @@ def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto) -> None:
     """gs's ``OnnxExporter.export_graph`` into ``g``, copying the NodeProtos of untouched nodes instead
     of exporting them again (most nodes, in a lightly optimized model; gs spends ~50 us on each), and
     copying the weights once (make_graph + make_model copy them twice)."""
-    g.node.extend(_export_nodes(graph))
+    g.node.extend(export_nodes(graph))
     g.name = graph.name or ""
     if graph.doc_string:
         g.doc_string = graph.doc_string

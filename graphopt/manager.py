@@ -62,6 +62,7 @@ class _Node:
             self.kind = "pass"
             self.pass_ = el.instantiate()
             self.text = format_pass(self.pass_)
+            self.clean_at: int | None = None  # graph generation this pass last ran on, changing nothing
 
 
 class PassManager:
@@ -78,6 +79,7 @@ class PassManager:
         self._root = [_Node(e) for e in self.pipeline.elements]
         self.report = Report(pipeline=str(self.pipeline))
         self._cached: tuple | None = None
+        self._generation = 0  # bumped whenever the graph changes
 
     @property
     def passes(self) -> list[Pass]:
@@ -107,7 +109,10 @@ class PassManager:
         changed = False
         for n in nodes:
             if n.kind == "pass":
+                if it is not None and it > 1 and n.clean_at == self._generation:
+                    continue  # in a fixpoint: nothing changed since this pass last found nothing to do
                 graph, c = self._run_pass(n, graph, ctx, it)
+                n.clean_at = None if c else self._generation
             elif n.kind == "seq":
                 graph, c = self._run_seq(n.children, graph, ctx, it)
             else:
@@ -145,6 +150,7 @@ class PassManager:
                 g = ins.on_crash(p, graph, ctx, e)
                 if g is not None:
                     self._cached = None
+                    self._generation += 1
                     rec = PassRecord(n.text, False, time.perf_counter() - t0, sum(hist0.values()), sum(hist0.values()),
                                      bytes0, bytes0, iteration=it, status="crashed",
                                      detail=f"{type(e).__name__}: {e} (rolled back)")
@@ -176,6 +182,7 @@ class PassManager:
         if result.changed:
             ctx.cache.clear()  # analyses of the old graph are stale
             ir.mark_changed(graph)
+            self._generation += 1
             _, sigs1 = lineage.mark(graph, sigs, p.name)
             self._cached = (graph, hist1, rec.const_bytes_after, sigs1)
         self.report.passes.append(rec)
@@ -185,4 +192,5 @@ class PassManager:
                 graph = g
                 ctx.cache.clear()
                 self._cached = None
+                self._generation += 1
         return graph, rec.changed and rec.status == "ok"

@@ -30,7 +30,7 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
         m.functions.extend(template.functions)
     g = m.graph
     g.name = graph.name or "g"
-    g.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    g.node.extend(ir.export_nodes(graph))  # untouched nodes: their imported protos
     io = set()
     for t in graph.inputs:
         g.input.append(OnnxExporter.export_value_info_proto(t, False))
