@@ -95,9 +95,36 @@ def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)
-    )
+    """True if a tensor of ``model`` (initializer, or tensor attribute at any depth) lives in a file."""
+    return _graph_uses_external_data(model.graph)
+
+
+_TENSOR_ATTRS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR,
+                 onnx.AttributeProto.SPARSE_TENSORS, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _graph_uses_external_data(g: onnx.GraphProto) -> bool:
+    ext = onnx.TensorProto.EXTERNAL
+    if any(t.data_location == ext for t in g.initializer) or any(
+            t.values.data_location == ext for t in g.sparse_initializer):
+        return True
+    for n in g.node:
+        if not len(n.attribute):
+            continue
+        for a in n.attribute:
+            if a.type not in _TENSOR_ATTRS:
+                continue
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == ext:
+                return True
+            if any(t.data_location == ext for t in a.tensors):
+                return True
+            if a.type == onnx.AttributeProto.SPARSE_TENSOR and a.sparse_tensor.values.data_location == ext:
+                return True
+            if a.type == onnx.AttributeProto.GRAPH and _graph_uses_external_data(a.g):
+                return True
+            if any(_graph_uses_external_data(sg) for sg in a.graphs):
+                return True
+    return False
 
 
 def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None = None) -> None:

@@ -209,3 +209,15 @@ def test_export_copies_untouched_nodes_and_reexports_changed_ones():
     assert list(perm) == [0, 1, 2]
     assert list(out.graph.node[0].output) == ["renamed"] and list(out.graph.node[1].input) == ["renamed"]
     assert list(out.graph.node[2].input) == ["y"]
+
+
+def test_uses_external_data_finds_tensor_attributes_in_subgraphs():
+    m = _rich_model()
+    assert not ir._uses_external_data(m)
+    then = next(a for a in m.graph.node[1].attribute if a.name == "then_branch").g
+    c = onnx.helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones(4, np.float32), "k"))
+    then.node.insert(0, c)
+    assert not ir._uses_external_data(m)
+    t = then.node[0].attribute[0].t
+    t.data_location = onnx.TensorProto.EXTERNAL
+    assert ir._uses_external_data(m)
