@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -770,28 +771,54 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-    folder = check_writable(path)
     big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
+    if not big:
+        _write_atomically(model.SerializeToString(), path)
+        return path
+    folder = check_writable(path)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     except OSError as e:
         raise InputError(f"{folder}: cannot write there: {e.strerror}") from None
     try:
         staged = staging / path.name
-        if big:
-            data_name = path.name + ".data"
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            onnx.save_model(m, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, folder / data_name)
-        else:
-            with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
+        data_name = path.name + ".data"
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        onnx.save_model(m, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(staging / data_name, folder / data_name)
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _write_atomically(data: bytes, path: Path) -> None:
+    """``data`` into ``path`` through a hidden temporary file beside it and a rename: a reader sees
+    the old file or the new one, never half of one.  The file gets the usual mode (0666 less umask)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise InputError(f"{folder}: output folder does not exist")
+    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InputError(f"{path}: cannot write: {e.strerror}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_writable(path: str | os.PathLike) -> Path:
