@@ -389,12 +389,22 @@ _PRISTINE = "_graphopt_pristine"
 _SOURCE_NODES = "_graphopt_source_nodes"
 
 
-def _attr_snapshot(v: Any) -> Any:
+_PLAIN = (int, float, str, bytes)
+
+
+def _attr_key(k: str, v: Any) -> tuple:
+    """An attribute as :func:`_node_key` compares it: by identity, lists also by content, a Constant
+    tensor by the identity of its values; an array a pass may have edited in place never compares
+    equal."""
+    if isinstance(v, _PLAIN):
+        return (k, id(v))
     if isinstance(v, list):
-        return tuple(v)
-    if isinstance(v, gs.Constant) and not isinstance(v._values, LazyValues) or hasattr(v, "__array__"):
-        return object()  # an array a pass may have edited in place: never taken as unchanged
-    return None
+        return (k, id(v), tuple(v))
+    if isinstance(v, gs.Constant):
+        return (k, id(v), id(v._values) if isinstance(v._values, LazyValues) else object())
+    if hasattr(v, "__array__"):
+        return (k, object())
+    return (k, id(v))
 
 
 def _remember_source(graph: gs.Graph, model: onnx.ModelProto) -> None:
@@ -417,8 +427,8 @@ def _node_key(n: gs.Node) -> tuple:
     """Everything of ``n`` its NodeProto holds: a pass that changes any of it, in place or not,
     changes the key (attribute values by identity and, for lists, by content; a Constant attribute by
     the identity of its values)."""
-    return (n.op, n.domain or "", n.name or "", tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs),
-            tuple((k, id(v), _attr_snapshot(v), id(getattr(v, "_values", None))) for k, v in n.attrs.items()))
+    return (n.op, n.domain, n.name, [t.name for t in n.inputs], [t.name for t in n.outputs],
+            [_attr_key(k, v) for k, v in n.attrs.items()] if n.attrs else None)
 
 
 def pristine_source(graph: gs.Graph) -> onnx.ModelProto | None:
@@ -483,6 +493,8 @@ def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: i
         for pn, gn in zip(proto.node, graph.nodes):
             if pn.op_type != gn.op:
                 break
+            if len(pn.attribute) == len(gn.attrs) and not any(isinstance(v, gs.Graph) for v in gn.attrs.values()):
+                continue  # gs took every attribute, and there is no subgraph to look into
             for a in pn.attribute:
                 if a.type == onnx.AttributeProto.TYPE_PROTO and a.name not in gn.attrs:
                     gn.attrs[a.name] = a.tp

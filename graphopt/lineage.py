@@ -76,7 +76,8 @@ def _pairs(graph: gs.Graph, proto: onnx.GraphProto):
         return
     for n, p in zip(graph.nodes, proto.node):
         yield n, p
-        if not any(isinstance(v, (gs.Graph, list, tuple)) for v in n.attrs.values()):
+        if not any(isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph))
+                   for v in n.attrs.values()):
             continue
         pattrs = {a.name: a for a in p.attribute}
         for k, v in n.attrs.items():
