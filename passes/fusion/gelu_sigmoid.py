@@ -16,7 +16,6 @@ would refuse for another reason (an intermediate read outside the pattern, dtype
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

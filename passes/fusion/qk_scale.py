@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import PassContext, register_pass
-from graphopt.rewrite import const_value, replace_uses, weight_used_only_by
+from graphopt.rewrite import const_value, weight_used_only_by
 
 from ._common import FusionPass, Match, new_const, only_feeds, other_input, present, prod, remove_nodes, scalar
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from tests.passes.fusion.conftest import run_pass
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 SHAPES = "<int64[4] hs = {1,8,2,8}, float sc = {0.125}>"
