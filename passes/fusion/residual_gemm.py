@@ -167,6 +167,8 @@ def check(graph: gs.Graph, m: ResidualMatch) -> str | None:
             if sum(i is m.r for i in user.inputs) != 1:
                 return f"{name}: the residual is read twice by the Add"
             continue
+        if user is m.mm or user is m.bias_add:
+            return f"{name}: the block reads its own residual (its bias could not be compensated)"
         comp, why = _compensation(graph, user, m.r, n)
         if comp is None:
             return f"{name}: {why}"

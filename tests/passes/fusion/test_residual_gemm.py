@@ -55,6 +55,11 @@ def test_refusals():
     body = FFN.replace("(z, g2, beta2)", "(z, g2, beta)")
     _, r = run_pass(model(body), "fuse-residual-gemm")
     assert r.stats["rewritten"] == 0 and "beta is shared" in r.skipped[0]
+    # the block's own input is the residual: z = (r @ W + b) + r
+    body = ("r = LayerNormalization <axis = -1> (h, g, beta)\n m2 = MatMul(r, wsq)\n a2 = Add(m2, b2)\n z = Add(a2, r)\n"
+            " y = LayerNormalization <axis = -1> (z, g2, beta2)")
+    _, r = run_pass(model(body, wsq=weights(3, wsq=(16, 16))["wsq"]), "fuse-residual-gemm")
+    assert r.stats["rewritten"] == 0 and "its own residual" in r.skipped[0]
     # the projection weight is a graph input: not matched (no constant weight)
     m = build(f"{HEADER}\ng (float[1,8,16] h, float[32,16] w2) => (float[1,8,16] y) {{{FFN}}}",
               **{k: v for k, v in W.items() if k != "w2"})
