@@ -490,7 +490,8 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
         t0 = time.perf_counter()
         stats = interleaved_latency([lambda s=s: s.run(None, case.latency_feeds) for s in sessions],
                                     rounds=args.rounds, warmup=args.warmup, min_sample_s=args.min_sample,
-                                    time_budget_s=args.latency_budget)
+                                    time_budget_s=args.latency_budget,
+                                    clock=time.thread_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter)
         base = stats[0]
         for col, st in zip(names, stats):
             tgt = rec["tools"].setdefault(col, {})
@@ -610,7 +611,7 @@ def noise_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 def write_results(results: list[dict[str, Any]], env: dict[str, Any], args, out: Path, elapsed: float, done: bool) -> None:
     noise = noise_summary(results)
     data = {"environment": env, "config": {"rounds": args.rounds, "latency_budget_s": args.latency_budget, "warmup": args.warmup,
-            "min_sample_s": args.min_sample,
+            "min_sample_s": args.min_sample, "clock": getattr(args, "clock", "wall"),
             "timeout_s": args.timeout, "quick": args.quick, "int8": args.int8, "threads": 1},
             "elapsed_s": elapsed, "complete": done, "noise": noise, "models": results}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -633,7 +634,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append(f"- latency: interleaved rounds (every candidate once per round, in a fresh seeded order each round): at least {c['rounds']}, "
                  f"more until {c['latency_budget_s']:.0f} s per model and level are spent "
                  f"({'-'.join(str(x) for x in (rounds[:1] + rounds[-1:])) if rounds else '?'} rounds here); a sample is >= "
-                 f"{c['min_sample_s'] * 1000:g} ms of calls; ratio = tool / original; tool timeout {c['timeout_s']:.0f} s")
+                 f"{c['min_sample_s'] * 1000:g} ms of calls, timed by {'thread CPU time' if c.get('clock') == 'cpu' else 'wall clock'}; "
+                 f"ratio = tool / original; tool timeout {c['timeout_s']:.0f} s")
     lines.append("- graphopt presets at run time: " + "; ".join(f"{k} = `{v or '(nothing)'}`" for k, v in env["presets"].items()))
     lines.append("- registered passes: " + ", ".join(env["passes"]))
     if noise:
@@ -728,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="minimum interleaved latency rounds per level (default 15, quick 7)")
     ap.add_argument("--latency-budget", type=float, default=None,
                     help="seconds of latency measurement per model and level; rounds go on until it is spent (default 20, quick 8)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time samples by the calling thread's CPU time (onnxruntime runs every kernel there with 1 "
+                         "thread), so time preempted by other processes on a shared machine drops out")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-sample", type=float, default=None, help="seconds per latency sample (default 0.002)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per tool run (default 600, quick 180)")

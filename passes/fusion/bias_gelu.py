@@ -4,11 +4,15 @@ Target-specific (-O3, domain com.microsoft).  Recognised forms of ``gelu(x)``:
 
 - erf:  ``0.5 * x * (1 + erf(x / sqrt(2)))`` (``/ sqrt 2`` or ``* 1/sqrt 2``; the products in any order),
   and the standard ``Gelu`` op (opset 20, approximate="none");
-- tanh: ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` (``Pow(x, 3)`` or ``x * x * x``), and
-  ``Gelu`` with approximate="tanh".
+- tanh: ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` (``Pow(x, 3)`` or ``x * x * x``), its
+  sigmoid form ``x * Sigmoid(x * (a + b * x * x))`` (what -O2's ``fuse-gelu-sigmoid`` leaves at opset < 20),
+  and ``Gelu`` with approximate="tanh".
 
 If ``x = Add(MatMul(..), b)`` with b a constant [H] read only there, the bias moves into the fused op:
-erf -> ``BiasGelu(matmul, b)``, tanh -> ``FastGelu(matmul, b)``.  Without a bias: erf -> com.microsoft
+erf -> ``BiasGelu(matmul, b)``, tanh -> ``FastGelu(matmul, b)``.  The 2-D detour exporters emit for
+Conv1D / addmm layers, ``x = Reshape(Gemm(Reshape(u), W, b))``, becomes ``MatMul(u, W)`` feeding the same
+fused op with b: the two Reshapes go, and the GEMM no longer broadcasts its bias into the output before
+accumulating (onnxruntime's Gemm does), which the fused op adds for free while it reads the tensor.  Without a bias: erf -> com.microsoft
 ``Gelu(x)``, tanh -> ``FastGelu(x)``; a standard ``Gelu`` op without a bias is left alone.
 """
 from __future__ import annotations
@@ -21,7 +25,9 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass
 
 from ._common import is_std, node_alive, other_input, run_fusion, scalar
-from ._ort import escapes, is_float32, near, op_of, replace_with_ms_op, static_shape
+from graphopt.rewrite import derived_name, weight_used_only_by
+
+from ._ort import Linear, escapes, is_float32, match_linear, near, new_const, op_of, replace_with_ms_op, static_shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -37,6 +43,7 @@ class GeluMatch:
     bias: gs.Constant | None = None
     pre_bias: gs.Tensor | None = None  # x without the bias
     bias_add: gs.Node | None = None
+    detour: Linear | None = None  # Reshape -> Gemm(W, b) -> Reshape producing x, replaced by MatMul(u, W)
 
 
 def _times_half_x(x: gs.Tensor, f: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
@@ -144,6 +151,33 @@ def match_tanh(tanh: gs.Node) -> GeluMatch | None:
     return None
 
 
+def match_sigmoid(sig: gs.Node) -> GeluMatch | None:
+    """``x * Sigmoid(x * (a + b * (x * x)))`` with a = 2 sqrt(2/pi), b = a * 0.044715 (fuse-gelu-sigmoid's form)."""
+    from .gelu_sigmoid import A, B
+
+    arg = op_of(sig.inputs[0], "Mul")
+    if arg is None:
+        return None
+    for i in (0, 1):
+        x, poly_t = arg.inputs[i], arg.inputs[1 - i]
+        poly = op_of(poly_t, "Add")
+        if poly is None:
+            continue
+        for j in (0, 1):
+            if not near(scalar(poly.inputs[1 - j]), A):
+                continue
+            sq = _const_mul(poly.inputs[j], B)
+            sq_node = op_of(sq, "Mul") if sq is not None else None
+            if sq_node is None or not all(t is x for t in sq_node.inputs):
+                continue
+            gate = next((u for u in sig.outputs[0].outputs if u.op == "Mul" and is_std(u) and other_input(u, sig.outputs[0]) is x), None)
+            if gate is None:
+                return None
+            nodes = [sq_node, op_of(poly.inputs[j], "Mul"), poly, arg, sig, gate]
+            return GeluMatch("tanh", x, gate.outputs[0], nodes, sig)
+    return None
+
+
 def match_gelu_op(g: gs.Node) -> GeluMatch | None:
     approx = g.attrs.get("approximate", "none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
@@ -156,6 +190,7 @@ def attach_bias(graph: gs.Graph, m: GeluMatch) -> None:
     """Move ``x = Add(u, b)`` (b constant [H], x read only by the GELU) into the match."""
     add = op_of(m.x, "Add")
     if add is None:
+        _attach_detour_bias(graph, m)
         return
     xs = static_shape(m.x)
     if xs is None or not xs or not isinstance(xs[-1], int):
@@ -168,6 +203,19 @@ def attach_bias(graph: gs.Graph, m: GeluMatch) -> None:
             return
 
 
+def _attach_detour_bias(graph: gs.Graph, m: GeluMatch) -> None:
+    """``x = Reshape(Gemm(Reshape(u), W, b))`` with private constant W and b: take the whole linear layer."""
+    lin = match_linear(m.x)
+    if lin is None or len(lin.nodes) != 3 or lin.bias is None or lin.matmul.op != "Gemm":
+        return
+    if not (weight_used_only_by(lin.w, [lin.matmul]) and weight_used_only_by(lin.bias, [lin.matmul])):
+        return
+    if tuple(lin.bias.shape) != (lin.weight().shape[1],) or not is_float32(lin.x):
+        return
+    if escapes(graph, lin.nodes + m.nodes, keep=[m.out]) is None:
+        m.bias, m.detour = lin.bias, lin
+
+
 def check(graph: gs.Graph, m: GeluMatch) -> str | None:
     name = m.anchor.name or m.anchor.op
     if not is_float32(m.x):
@@ -177,7 +225,16 @@ def check(graph: gs.Graph, m: GeluMatch) -> str | None:
 
 
 def rewrite(graph: gs.Graph, m: GeluMatch) -> tuple[gs.Node, str]:
-    if m.bias is not None:
+    if m.detour is not None:
+        op = "BiasGelu" if m.kind == "erf" else "FastGelu"
+        lin = m.detour
+        w = lin.w if not lin.w_transposed else new_const(graph, lin.w.name, "T", lin.weight())
+        mm_out = gs.Variable(derived_name(graph, m.x.name, "matmul"), dtype=m.x.dtype, shape=m.x.shape)
+        graph.nodes.append(gs.Node("MatMul", name=derived_name(graph, lin.matmul.name or "linear", "MatMul"),
+                                   inputs=[lin.x, w], outputs=[mm_out]))
+        inputs = [mm_out, lin.bias]
+        nodes = m.nodes + lin.nodes
+    elif m.bias is not None:
         op = "BiasGelu" if m.kind == "erf" else "FastGelu"
         inputs = [m.pre_bias, m.bias]
         nodes = m.nodes + [m.bias_add]
@@ -199,10 +256,10 @@ class FuseBiasGelu(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"matched": 0, "rewritten": 0, "BiasGelu": 0, "FastGelu": 0, "Gelu": 0}
-        anchors = [n for n in graph.nodes if is_std(n) and n.op in ("Erf", "Tanh", "Gelu")]
+        anchors = [n for n in graph.nodes if is_std(n) and n.op in ("Erf", "Tanh", "Sigmoid", "Gelu")]
 
         def match(g: gs.Graph, n: gs.Node) -> tuple[GeluMatch | None, None]:
-            m = {"Erf": match_erf, "Tanh": match_tanh, "Gelu": match_gelu_op}[n.op](n)
+            m = {"Erf": match_erf, "Tanh": match_tanh, "Sigmoid": match_sigmoid, "Gelu": match_gelu_op}[n.op](n)
             if m is None:
                 return None, None
             attach_bias(g, m)

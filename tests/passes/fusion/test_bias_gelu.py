@@ -48,11 +48,43 @@ def test_tanh_gelu_with_bias_becomes_fastgelu_with_bias():
     assert_same(m, m2, feeds(), rtol=1e-5, atol=1e-5)
 
 
-def test_tanh_gelu_after_gemm_detour_has_no_bias_to_take():
+def test_tanh_gelu_after_gemm_detour_takes_the_bias_and_drops_the_reshapes():
     body = "x2 = Reshape(x, s2)\n g = Gemm(x2, w, b)\n a = Reshape(g, s3)\n" + GPT2_TANH
     m = model(body, TANH[:-1] + ", int64[2] s2 = {-1,16}, int64[3] s3 = {1,8,32}>")
     m2, r = run_pass(m, "fuse-bias-gelu")
-    assert r.stats["FastGelu"] == 1 and ops(m2)["FastGelu"] == 1 and ops(m2)["Gemm"] == 1
+    assert r.stats["FastGelu"] == 1 and ops(m2) == {"MatMul": 1, "FastGelu": 1}
+    assert len(next(n for n in m2.graph.node if n.op_type == "FastGelu").input) == 2
+    full_check(m2)
+    assert_same(m, m2, feeds(), rtol=1e-5, atol=1e-5)
+    assert not run_pass(m2, "fuse-bias-gelu")[1].changed
+
+
+def test_gemm_detour_with_transposed_weight_and_erf():
+    body = ("x2 = Reshape(x, s2)\n g = Gemm <transB = 1> (x2, wt, b)\n a = Reshape(g, s3)\n"
+            "d = Div(a, rt2)\n e = Erf(d)\n p = Add(e, one)\n q = Mul(a, p)\n y = Mul(q, half)")
+    m = model(body, ERF[:-1] + ", int64[2] s2 = {-1,16}, int64[3] s3 = {1,8,32}>", wt=np.ascontiguousarray(W["w"].T))
+    m2, r = run_pass(m, "fuse-bias-gelu")
+    assert r.stats["BiasGelu"] == 1 and ops(m2) == {"MatMul": 1, "BiasGelu": 1}
+    assert_same(m, m2, feeds(), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_detour_whose_bias_is_shared_keeps_the_gemm():
+    body = ("x2 = Reshape(x, s2)\n g = Gemm(x2, w, b)\n a = Reshape(g, s3)\n" + GPT2_TANH.replace("y = Mul(h, p)", "y0 = Mul(h, p)")
+            + "\n y = Add(y0, b)")
+    m = model(body, TANH[:-1] + ", int64[2] s2 = {-1,16}, int64[3] s3 = {1,8,32}>")
+    m2, r = run_pass(m, "fuse-bias-gelu")
+    assert r.stats["FastGelu"] == 1 and ops(m2)["Gemm"] == 1 and ops(m2)["Reshape"] == 2
+    assert_same(m, m2, feeds(), rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_form_from_o2_becomes_fastgelu_with_bias():
+    from graphopt.passes.fusion.gelu_sigmoid import A, B
+
+    body = ("m = MatMul(x, w)\n a = Add(m, b)\n q = Mul(a, a)\n qb = Mul(q, cb)\n pa = Add(qb, ca)\n z = Mul(pa, a)\n"
+            " s = Sigmoid(z)\n y = Mul(a, s)")
+    m = model(body, f"<float ca = {{{A!r}}}, float cb = {{{B!r}}}>")
+    m2, r = run_pass(m, "fuse-bias-gelu")
+    assert r.stats["FastGelu"] == 1 and ops(m2) == {"MatMul": 1, "FastGelu": 1}
     assert_same(m, m2, feeds(), rtol=1e-5, atol=1e-5)
 
 

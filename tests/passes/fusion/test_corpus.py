@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import corpus_params  # re-exported by tests/passes/fusion/conftest.py from tests/conftest.py
 from graphopt.api import optimize
 
-FUSIONS = ["fuse-pad-conv", "fuse-conv-bn", "fuse-conv-scale", "fuse-bn-gemm", "fuse-matmul-add", "fuse-transpose-matmul",
-           "fuse-layernorm", "fuse-gelu", "fuse-hardswish", "fuse-hardsigmoid", "fuse-silu", "fuse-attention"]
+FUSIONS = ["fuse-pad-conv", "fuse-conv-bn", "fuse-conv-scale", "fuse-bn-gemm", "fuse-matmul-add", "fuse-transpose-matmul", "fuse-qk-scale",
+           "fuse-layernorm", "fuse-gelu", "fuse-gelu-sigmoid", "fuse-hardswish", "fuse-hardsigmoid", "fuse-silu", "fuse-attention"]
 
 
 def _inputs(path: Path):

@@ -71,6 +71,17 @@ def test_O3_preset_on_the_transformers(shared_dir, name):
     assert got["Attention"] == 4 and got["EmbedLayerNormalization"] == 1
     assert got["SkipLayerNormalization"] == 0  # kept apart on purpose (unfuse-skip-layernorm)
     assert got["BiasGelu" if name == "bert_mini" else "FastGelu"] == 4
+    gelus = [n for n in res.model.graph.node if n.op_type in ("BiasGelu", "FastGelu")]
+    assert all(len(n.input) == 2 for n in gelus)  # the bias rides along (GPT-2: from the Reshape/Gemm detour)
+    stats = _stats(res.report)
+    if name == "bert_mini":  # post-LN: every residual bias moved into a LayerNorm beta, no Add left
+        assert stats["fuse-residual-gemm"]["rewritten"] == 8
+        assert not any(n.op_type == "Add" for n in res.model.graph.node)
+    else:
+        total = Counter()
+        for r in res.report.passes:  # -O2's fixpoint runs these more than once: count every run
+            total[r.name] += r.stats.get("rewritten", 0)
+        assert total["fuse-qk-scale"] == 4 and total["fuse-gelu-sigmoid"] == 4
 
 
 @pytest.mark.corpus
