@@ -81,7 +81,7 @@ def test_O3_preset_on_the_transformers(shared_dir, name):
         total = Counter()
         for r in res.report.passes:  # -O2's fixpoint runs these more than once: count every run
             total[r.name] += r.stats.get("rewritten", 0)
-        assert total["fuse-qk-scale"] == 4 and total["fuse-gelu-sigmoid"] == 4
+        assert total["fuse-qk-scale"] == 4 and total["fuse-gelu-sigmoid"] == 0  # not in -O2: see presets.py
 
 
 @pytest.mark.corpus
