@@ -18,7 +18,7 @@ PRESETS: dict[str, str] = {
     "O1": "fixpoint{max-iter=6}(fold-constants,merge-chains,eliminate-noops,cse,dce)",
     "O2": "O1,fixpoint{max-iter=4}(fuse-pad-conv,fuse-conv-bn,fuse-conv-scale,fuse-bn-gemm,fuse-matmul-add,"
           "fuse-transpose-matmul,fuse-qk-scale,fuse-layernorm,fuse-gelu,fuse-hardswish,fuse-hardsigmoid,fuse-attention,merge-chains,eliminate-noops,cse,dce)",
-    "O3": "O2,fuse-ort-attention,fuse-embed-layernorm,fuse-bias-gelu,fuse-quick-gelu,unfuse-skip-layernorm,fuse-residual-gemm,"
+    "O3": "O2,fuse-ort-attention,fuse-embed-layernorm,fuse-bias-gelu,fuse-quick-gelu,fuse-conv-activation,unfuse-skip-layernorm,fuse-residual-gemm,"
           "merge-chains,eliminate-noops,dce",
 }
 
