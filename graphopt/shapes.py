@@ -24,6 +24,9 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
     m.ir_version = max(template.ir_version if template is not None else onnx.IR_VERSION, 4)
     opsets = {o.domain: o.version for o in (template.opset_import if template is not None else [])}
     opsets.setdefault("", int(graph.opset))
+    for n in graph.nodes:  # a domain a pass brought in (com.microsoft at -O3): without its import, inference fails
+        if n.domain and n.domain not in opsets and n.domain != "ai.onnx":
+            opsets[n.domain] = 1
     for d, v in opsets.items():
         m.opset_import.append(onnx.helper.make_opsetid(d, v))
     if template is not None:
@@ -56,6 +59,60 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
     return m
 
 
+# onnx has no shape inference for onnxruntime's contrib ops, so every tensor after a -O3 fusion would lose
+# its shape.  For inference only, the light model gets a local function per contrib op it uses, whose body
+# has the op's output shapes (not its values): onnx infers through model-local functions.
+_CONTRIB_BODIES = {
+    "FastGelu": ("(X) => (Y)", "Y = Identity(X)"),
+    "Gelu": ("(X) => (Y)", "Y = Identity(X)"),
+    "QuickGelu": ("(X) => (Y)", "Y = Identity(X)"),
+    "BiasGelu": ("(A, B) => (C)", "C = Add(A, B)"),
+    "SkipLayerNormalization": ("(input) => (output)", "output = Identity(input)"),
+    "Attention": ("(input) => (output)", "output = Identity(input)"),
+    "EmbedLayerNormalization": ("(input_ids, segment_ids, word_embedding) => (output, mask_index)",
+                                "output = Gather(word_embedding, input_ids)\n"
+                                "mask_index = Cast <to = 6> (sum)"),
+    "FusedConv": ("<auto_pad, dilations, group, kernel_shape, pads, strides> (X, W) => (Y)",
+                  "Y = Conv <auto_pad: string = @auto_pad, dilations: ints = @dilations, group: int = @group, "
+                  "kernel_shape: ints = @kernel_shape, pads: ints = @pads, strides: ints = @strides> (X, W)"),
+}
+
+
+def _contrib_outputs_ok(op: str, n: onnx.NodeProto) -> bool:
+    """True when the stand-in body's output shapes are the node's: its outputs are the ones the body
+    defines, and (Attention) the value width is the input's."""
+    declared = _CONTRIB_BODIES[op][0].split("=>")[1].count(",") + 1
+    if len([o for o in n.output if o]) > declared or any(not o for o in n.output[:declared]):
+        return False
+    return not (op == "Attention" and any(a.name == "qkv_hidden_sizes" for a in n.attribute))
+
+
+def contrib_functions(model: onnx.ModelProto) -> list[onnx.FunctionProto]:
+    """Shape-only stand-ins (see ``_CONTRIB_BODIES``) for the com.microsoft ops of ``model``'s top graph
+    whose every node they describe correctly, and that the model does not define itself."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not opset:
+        return []
+    defined = {(f.domain, f.name) for f in model.functions}
+    nodes: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in _CONTRIB_BODIES:
+            nodes.setdefault(n.op_type, []).append(n)
+    out = []
+    for op, ns in nodes.items():
+        if ("com.microsoft", op) in defined or not all(_contrib_outputs_ok(op, n) for n in ns):
+            continue
+        sig, body = _CONTRIB_BODIES[op]
+        if op == "EmbedLayerNormalization":
+            body = (("ax = Constant <value_ints = [1]> ()\nsum = ReduceSum <keepdims = 0> (input_ids, ax)\n"
+                     if opset >= 13 else "sum = ReduceSum <axes = [1], keepdims = 0> (input_ids)\n") + body)
+        attrs, _, io = sig.rpartition("> ") if sig.startswith("<") else ("", "", sig)
+        head = f"{op} {attrs}> {io}" if attrs else f"{op} {io}"
+        text = f'<domain: "com.microsoft", opset_import: ["" : {opset}]>\n{head} {{\n{body}\n}}'
+        out.append(onnx.parser.parse_function(text))
+    return out
+
+
 def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None,
                  light: onnx.ModelProto | None = None) -> int:
     """Infer dtypes and shapes and write them onto the graph's tensors; returns how many were set.
@@ -71,8 +128,11 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     if light is None:
         ir.toposort(graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light if light is not None else _light_model(graph, tmpl),
-                                                     strict_mode=False, data_prop=True)
+        light = light if light is not None else _light_model(graph, tmpl)
+        stand_ins = contrib_functions(light)
+        if stand_ins:
+            light.functions.extend(stand_ins)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:
         return 0
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
