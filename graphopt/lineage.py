@@ -23,23 +23,30 @@ CHAIN_KEY = "graphopt.passes"
 _ATTR = "_graphopt_lineage"
 
 
+_PLAIN = frozenset((int, float, str, bool, bytes, type(None)))
+
+
 def _attr_key(v: Any) -> Any:
-    if isinstance(v, (int, float, str, bool, bytes)) or v is None:
+    if type(v) in _PLAIN:
         return v
     if isinstance(v, (list, tuple)):
-        return tuple(_attr_key(x) for x in v)
+        tv = tuple(v)
+        if all(type(x) in _PLAIN for x in tv):  # the common case: ints (pads, perm, axes...)
+            return tv
+        return tuple(_attr_key(x) for x in tv)
     return id(v)  # tensors, arrays, subgraphs: identity (a pass that replaces them makes a new object)
 
 
 def _signature(n: gs.Node) -> tuple:
+    ins = n.inputs
     return (
         n.op,
         n.domain,
-        tuple(id(t) for t in n.inputs),
+        tuple(map(id, ins)),
         # a Constant whose values were replaced in place (t.values = ...) counts as a change of its users
-        tuple(id(getattr(t, "_values", None)) for t in n.inputs if isinstance(t, gs.Constant)),
-        tuple(id(t) for t in n.outputs),
-        tuple((k, _attr_key(v)) for k, v in n.attrs.items()),
+        tuple(id(t._values) for t in ins if type(t) is gs.Constant),
+        tuple(map(id, n.outputs)),
+        tuple((k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in n.attrs.items()) if n.attrs else (),
     )
 
 

@@ -18,10 +18,12 @@ def all_nodes(graph: gs.Graph):
     """Every node, subgraph bodies included."""
     for n in graph.nodes:
         yield n
+        if not n.attrs:
+            continue
         for a in n.attrs.values():
             if isinstance(a, gs.Graph):
                 yield from all_nodes(a)
-            elif isinstance(a, (list, tuple)):
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], gs.Graph):  # (a list holds one kind)
                 for g in a:
                     if isinstance(g, gs.Graph):
                         yield from all_nodes(g)
