@@ -148,8 +148,7 @@ def optimize(
     pm = PassManager(pipeline, ins)
     report = pm.report
     report.input = str(src_path) if src_path else type(model).__name__
-    size_before = src_path.stat().st_size if src_path is not None and not ir._uses_external_data(original) \
-        else ir.approx_size(original)
+    size_before = ir.approx_size(original)  # (the file's size leaves out external data)
     report.before = model_summary(graph, size_before)
     t0 = time.perf_counter()
     try:

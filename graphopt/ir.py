@@ -159,13 +159,18 @@ def _is_heavy(t: onnx.TensorProto) -> bool:
             and _nbytes(t) > _LIGHT_BYTES)
 
 
+_ITEMSIZE: dict[int, int] = {}
+
+
 def _nbytes(t: onnx.TensorProto) -> int:
     """The bytes ``t``'s dims and type call for (-1 for a negative dim).  Never reads the data: upb
     copies a bytes field on every read, and its ``ByteSize()`` encodes the message to measure it."""
-    try:
-        n = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return -1
+    n = _ITEMSIZE.get(t.data_type)
+    if n is None:
+        try:
+            n = _ITEMSIZE[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return -1
     for d in t.dims:
         if d < 0:
             return -1

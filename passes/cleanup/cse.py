@@ -11,6 +11,7 @@ Graph inputs and outputs are never merged away (a duplicate whose output is a gr
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,18 @@ def _digest(arr: np.ndarray) -> bytes:
 
 
 def _attr_key(v) -> object:
+    """A hashable key equal for equal attribute values: typed (1, 1.0 and True differ), floats by their
+    bits (NaN equals NaN, -0.0 differs from 0.0), tensors by their bytes."""
+    tv = type(v)
+    if tv is int or tv is str:
+        return (tv.__name__, v)
+    if tv is float:
+        return ("float", struct.pack("<d", v))
+    if tv is list or tv is tuple:
+        if all(type(x) is int for x in v):  # pads, strides, perm, axes...: the common case
+            return ("ints", tuple(v))
+        if all(type(x) is float for x in v):
+            return ("floats", struct.pack(f"<{len(v)}d", *v))
     if isinstance(v, gs.Constant):
         proto = getattr(v._values, "tensor", None)
         if proto is not None:  # lazily loaded: key on the stored bytes, do not decode (strings stay strings)
