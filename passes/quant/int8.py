@@ -38,6 +38,7 @@ from graphopt import Pass, PassContext, PassResult, register_pass, rewrite
 from graphopt.shapes import infer_shapes
 
 from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn
+from .qop import to_qop
 
 
 @dataclass
@@ -56,14 +57,14 @@ class QuantizeInt8(Pass):
     @dataclass(frozen=True)
     class Options:
         mode: Literal["auto", "static", "dynamic"] = "auto"
-        format: Literal["qdq"] = "qdq"
+        format: Literal["qdq", "qop"] = "qdq"  # qop: QLinearConv / QLinearMatMul / QGemm ... (qop.py)
         per_channel: bool = True
-        calibration: Literal["minmax", "percentile"] = "minmax"
+        calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
         percentile: float = 99.99
         symmetric_activations: bool = False
         reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: if the int8 GEMM saturates
         exclude: tuple[str, ...] = ()  # node names kept in float
-        op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Gather")
+        op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
         embeddings: bool = True
         bias_correction: bool = True
         latency_check: bool = True
@@ -108,7 +109,7 @@ class QuantizeInt8(Pass):
 
         # auto: static or dynamic for a model of only MatMul / Gemm (no Conv), by measurement ----
         reasons: dict[str, str] = {}
-        if o.mode == "auto" and o.latency_check and plan.static and not any(by_name[n].op == "Conv" for n in plan.static):
+        if o.mode == "auto" and o.latency_check and plan.static and not any(by_name[n].op in ("Conv", "ConvTranspose") for n in plan.static):
             plan, note = self._static_or_dynamic(graph, ctx, plan, qp, by_name)
             notes.append(note)
 
@@ -146,6 +147,8 @@ class QuantizeInt8(Pass):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
         counts = apply_plan(graph, plan, qp)
+        if o.format == "qop":
+            counts.update(to_qop(graph, ctx.opset or graph.opset or 13))
         if qp.weight_qmax < 127:
             notes.append("weights use 7 bits (reduce-range): this machine's int8 GEMM saturates u8 x s8 pair sums at int16 "
                          "(AVX2 without VNNI), which the unfused reference run would not show")
@@ -154,8 +157,9 @@ class QuantizeInt8(Pass):
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and id(t) not in io and name not in annotated:
                 t.shape, t.dtype = None, None
+        form = "QOperator" if o.format == "qop" else "QDQ"
         for n in sorted(plan.static):
-            notes.append(f"{n}: {by_name[n].op} static int8 (QDQ, per-channel weights)")
+            notes.append(f"{n}: {by_name[n].op} static int8 ({form}, per-channel weights)")
         for n in sorted(plan.dynamic):
             notes.append(f"{n}: {by_name[n].op} dynamic int8 (weights int8, activations quantized per run)")
         for n in sorted(plan.embed):
@@ -181,7 +185,7 @@ class QuantizeInt8(Pass):
         ops = set(o.op_types)
         calib = ctx.has_calibration
         for n in graph.nodes:
-            if n.op not in ("Conv", "Gemm", "MatMul", "Gather") or n.op not in ops:
+            if n.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather") or n.op not in ops:
                 continue
             if n.name in exclude:
                 why.append(f"{n.name}: {n.op} excluded by the user")
@@ -219,15 +223,15 @@ class QuantizeInt8(Pass):
         if w.size < o.min_weight_elements:
             return f"weight of {w.size} elements is too small to pay for a Q/DQ boundary", ""
         rank = len(a.shape) if a.shape is not None else None
-        if n.op == "Conv":
+        if n.op in ("Conv", "ConvTranspose"):
             if w.ndim not in (3, 4):
-                return f"{w.ndim - 2}-D Conv has no int8 kernel here", ""
+                return f"{w.ndim - 2}-D {n.op} has no int8 kernel here", ""
             if len(n.inputs) > 2 and not n.inputs[2].is_empty() and not rewrite.is_const(n.inputs[2]):
                 return "bias is not a constant", ""
             if o.mode == "dynamic":
-                return "dynamic Conv (ConvInteger) is slower than float on onnxruntime CPU", ""
+                return f"dynamic {n.op} (ConvInteger) is slower than float on onnxruntime CPU", ""
             if not calib:
-                return "static int8 Conv needs calibration data (--calibration)", ""
+                return f"static int8 {n.op} needs calibration data (--calibration)", ""
             return "", "static"
         if w.ndim != 2:
             return "weight is not 2-D", ""
@@ -259,7 +263,7 @@ class QuantizeInt8(Pass):
         axes: dict[str, int] = {}
         if o.bias_correction:
             for n in graph.nodes:
-                if n.name in plan.static or n.name in plan.dynamic:
+                if (n.name in plan.static or n.name in plan.dynamic) and n.op != "ConvTranspose":  # no uniform shift
                     axes[n.inputs[0].name] = 1 if n.op == "Conv" else -1
         names |= set(axes)
         st = collect_stats(ctx, model, sorted(names), channel_axes=axes, method=o.calibration,

@@ -27,7 +27,7 @@ from graphopt import rewrite
 DROP_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 # int8-capable ops with their own output parameters (QLinearAdd, QLinearAveragePool, ...)
 OWN_OPS = {"Add", "AveragePool", "GlobalAveragePool", "Concat"}
-STATIC_OPS = {"Conv", "Gemm", "MatMul"}
+STATIC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 ACT_OPS = {"Relu", "Clip"}  # absorbed into the following Q's range
 
 
@@ -264,6 +264,8 @@ def weight_axis(node: gs.Node) -> int:
     """The output-channel axis of a static/dynamic node's weight."""
     if node.op == "Conv":
         return 0
+    if node.op == "ConvTranspose":
+        return 1  # [C_in, C_out / group, k...]
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
     return 1  # MatMul [K, N]
@@ -341,7 +343,7 @@ def apply_plan(graph: gs.Graph, plan: Plan, qp: QuantParams) -> dict[str, int]:
 
 def _bias_shift(n: gs.Node, w: np.ndarray, dw: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
     """The mean output shift (W - Wq) . E[x] per output channel, or None without statistics."""
-    if mean is None:
+    if mean is None or n.op == "ConvTranspose":  # strided scatter: the shift is not uniform per channel
         return None
     if n.op == "Conv":
         group = int(n.attrs.get("group", 1))
@@ -367,12 +369,21 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
     dq_attrs = {"axis": axis} if ws.ndim else {}
     graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, wname, "DQ"),
                                attrs=dq_attrs, inputs=[_const(graph, wname, "q", q), _const(graph, wname, "scale", ws)]
-                               + ([] if n.op == "Conv" else [_const(graph, wname, "zp", np.zeros(ws.shape, np.int8))]),
+                               + ([] if n.op in ("Conv", "ConvTranspose") else [_const(graph, wname, "zp", np.zeros(ws.shape, np.int8))]),
                                outputs=[w_dq]))  # Conv: zero point omitted (0; smaller file); QGemm fusion wants it
     n.inputs[1] = w_dq
     if n.op == "MatMul":
         return
-    nout = w.shape[0] if axis == 0 else w.shape[1]
+    if n.op == "ConvTranspose":
+        group = int(n.attrs.get("group", 1))
+        nout = w.shape[1] * group
+        if ws.ndim and group > 1:  # output channel g * (C_out / group) + j has weight scale ws[j]
+            ws_out = np.tile(ws, group)
+        else:
+            ws_out = ws
+    else:
+        nout = w.shape[0] if axis == 0 else w.shape[1]
+        ws_out = ws
     b = rewrite.const_value(n.inputs[2]) if len(n.inputs) > 2 and not n.inputs[2].is_empty() else None
     b = np.zeros(nout, np.float32) if b is None else np.asarray(b, np.float32).reshape(-1)
     if b.size == 1 and nout > 1:
@@ -382,7 +393,7 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
         if shift is not None:
             b = b + shift
             stats["bias_corrected"] += 1
-    bs = (np.float32(xs) * (ws if ws.ndim else np.full(nout, ws, np.float32))).astype(np.float32)
+    bs = (np.float32(xs) * (ws_out if ws_out.ndim else np.full(nout, ws_out, np.float32))).astype(np.float32)
     bq = np.clip(np.rint(b / bs), -(2**31) + 1, 2**31 - 1).astype(np.int32)
     bname = n.inputs[2].name if len(n.inputs) > 2 and not n.inputs[2].is_empty() else n.name + "_bias"
     b_dq = _var(graph, bname, "dq", np.float32)
