@@ -6,7 +6,8 @@ For each model: graphopt ``-O2 + quantize-int8`` with the calibration file DIR/c
 onnxruntime's ``quantize_static`` (QDQ, per-channel, the same calibration inputs) and, for models
 with MatMul, ``quantize_dynamic``.  Latency: ORT_ENABLE_ALL, 1 thread, interleaved rounds; the fp32
 model is run twice (an identical control pair: its ratio is the noise floor).  Error: relative L2
-of the outputs vs fp32 (ORT_DISABLE_ALL) on held-out inputs DIR/calib_<model>_8_s2.npz.
+of the outputs vs fp32 (ORT_DISABLE_ALL) on held-out inputs DIR/calib_<model>_8_s2.npz.  Missing
+calibration files are generated (seed 1 for calibration, seed 2 for the held-out inputs).
 """
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def rel_l2(model_path, ref_path, feeds_list):
     return worst
 
 
+def ensure_calib(path, model_path, count, seed):
+    """Write ``count`` generated samples (graphopt.data.generate_feeds: N(0,1) images, random token ids)
+    stacked on the first axis, unless the file exists."""
+    if os.path.exists(path):
+        return
+    from graphopt.data import generate_feeds
+
+    feeds = generate_feeds(onnx.load(model_path, load_external_data=False), seed=seed, count=count)
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+
+
 def split(npz):
     z = np.load(npz)
     n = len(z[z.files[0]])
@@ -64,6 +76,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=20.0, help="latency budget per model")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-latency", action="store_true", help="errors and sizes only (no timing)")
+    ap.add_argument("--pipeline", default="O2,quantize-int8", help="graphopt pipeline (several: separate with '|')")
     args = ap.parse_args()
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -72,13 +86,20 @@ def main():
     for name in args.models.split(","):
         src = os.path.join(args.corpus, f"{name}.onnx")
         calib = os.path.join(args.calib_dir, f"calib_{name}_{args.samples}.npz")
+        ensure_calib(calib, src, args.samples, 1)
+        ensure_calib(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"), src, 8, 2)
         held = split(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"))
-        ours = os.path.join(tmp, f"{name}.graphopt.onnx")
-        t0 = time.perf_counter()
-        res = graphopt.optimize(src, "O2,quantize-int8", output=ours, calibration=calib)
-        t_ours = time.perf_counter() - t0
-        q = [p for p in res.report.passes if p.name.startswith("quantize-int8")][0]
-        models = {"fp32": src, "fp32_control": src, "graphopt": ours}
+        models = {"fp32": src, "fp32_control": src}
+        info = {}
+        for i, pipe in enumerate(args.pipeline.split("|")):
+            key = "graphopt" if i == 0 else f"graphopt{i + 1}"
+            ours = os.path.join(tmp, f"{name}.{key}.onnx")
+            t0 = time.perf_counter()
+            res = graphopt.optimize(src, pipe, output=ours, calibration=calib)
+            q = [p for p in res.report.passes if p.name.startswith("quantize-int8")][0]
+            info[key] = {"pipeline": pipe, "seconds": round(time.perf_counter() - t0, 1), "stats": q.stats,
+                         "verification": res.verification.summary() if res.verification else None}
+            models[key] = ours
         if not args.no_ort:
             ort_s = os.path.join(tmp, f"{name}.ort_static.onnx")
             try:
@@ -92,14 +113,16 @@ def main():
                 quantize_dynamic(src, ort_d, weight_type=QuantType.QInt8, per_channel=True)
                 models["ort_dynamic"] = ort_d
         feeds = held[0]
-        protos = [onnx.load(p) for p in models.values()]
-        med = latency.compare(protos, feeds, budget_seconds=args.seconds, min_rounds=10, max_rounds=400)
+        if args.no_latency:
+            med = [1.0] * len(models)
+        else:
+            protos = [onnx.load(p) for p in models.values()]
+            med = latency.compare(protos, feeds, budget_seconds=args.seconds, min_rounds=10, max_rounds=400)
         base = med[0]
-        row = {"model": name, "fp32_ms": base * 1e3, "seconds_graphopt": round(t_ours, 1),
-               "verification": res.verification.summary() if res.verification else None,
-               "stats": q.stats}
+        row = {"model": name, "fp32_ms": None if args.no_latency else base * 1e3, "graphopt": info}
         for (k, p), m in zip(models.items(), med):
-            row[f"latency_{k}"] = m / base
+            if not args.no_latency:
+                row[f"latency_{k}"] = m / base
             if k != "fp32_control":
                 row[f"size_{k}"] = os.path.getsize(p) / os.path.getsize(src)
             if k not in ("fp32", "fp32_control"):

@@ -9,7 +9,8 @@ Range methods: ``minmax`` (one pass), ``percentile`` (a second pass builds a fix
 between the observed min and max and clips both tails at the given percentile), ``entropy`` (the same
 second-pass histogram; the clipping threshold minimizes the KL divergence between the tensor's
 distribution and its 8-bit quantized version).  Histograms have a fixed number of bins over a range
-fixed by the first pass, so memory is O(tensors x bins) whatever the number of samples.
+fixed by the first pass, so memory is O(tensors x bins) whatever the number of samples.  ``mse``: the
+same histogram; the range (both ends free) with the least expected squared quantization error.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .pass_base import PassContext
 
-RANGE_METHODS = ("minmax", "percentile", "entropy")
+RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclass
@@ -94,6 +95,8 @@ class TensorStats:
             hi = float(edges[min(int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1, len(edges) - 1)])
         elif method == "entropy" and self.hist is not None and self.hist.sum() > 0:
             lo, hi = entropy_range(self.hist, self.hist_range)
+        elif method == "mse" and self.hist is not None and self.hist.sum() > 0:
+            lo, hi = mse_range(self.hist, self.hist_range)
         return min(lo, 0.0), max(hi, 0.0)
 
 
@@ -156,6 +159,36 @@ def entropy_range(hist: np.ndarray, hist_range: tuple[float, float], levels: int
     return max(best[0], lo), min(best[1], hi)
 
 
+def mse_range(hist: np.ndarray, hist_range: tuple[float, float], levels: int = 256, max_candidates: int = 384) -> tuple[float, float]:
+    """The range [a, b] (a <= 0 <= b, ends chosen independently) whose uint8 quantization has the least
+    expected squared error on the histogram: rounding noise step^2 / 12 for the values inside, plus
+    (x - end)^2 for the clipped values outside.  All candidate pairs are scored at once from cumulative
+    sums, so the search costs O(candidates^2) array arithmetic and no pass over the data."""
+    h = np.asarray(hist, dtype=np.float64)
+    lo, hi = float(hist_range[0]), float(hist_range[1])
+    n = len(h)
+    if n < 2 or hi <= lo or h.sum() <= 0:
+        return lo, hi
+    edges = np.linspace(lo, hi, n + 1)
+    c = (edges[:-1] + edges[1:]) / 2
+    z = int(np.clip(np.searchsorted(edges, 0.0, side="right") - 1, 0, n - 1))
+    # candidate lower ends: edges[0..z] (a <= 0); upper ends: edges[z+1..n] (b >= 0)
+    ia = np.unique(np.linspace(0, z, min(z + 1, max_candidates)).round().astype(int))
+    ib = np.unique(np.linspace(z + 1, n, min(n - z, max_candidates)).round().astype(int))
+    c0, c1, c2 = (np.concatenate([[0.0], np.cumsum(h * c ** p)]) for p in (0, 1, 2))  # prefix sums over bins
+    a, b = edges[ia], edges[ib]
+    # clipped below a: bins [0, ia): sum n (c - a)^2 = S2 - 2 a S1 + a^2 S0
+    low = c2[ia] - 2 * a * c1[ia] + a * a * c0[ia]
+    # clipped above b: bins [ib, n)
+    S0, S1, S2 = c0[n] - c0[ib], c1[n] - c1[ib], c2[n] - c2[ib]
+    high = S2 - 2 * b * S1 + b * b * S0
+    inside = c0[ib][None, :] - c0[ia][:, None]
+    step = (b[None, :] - a[:, None]) / (levels - 1)
+    err = low[:, None] + high[None, :] + inside * step * step / 12.0
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return max(float(a[i]), lo), min(float(b[j]), hi)
+
+
 def collect_stats(
     ctx: "PassContext",
     model: "onnx.ModelProto",
@@ -170,7 +203,7 @@ def collect_stats(
 
     One onnxruntime session (optimizations off) exposes the tensors as extra outputs; each batch's
     activations are folded into the running statistics and dropped before the next batch is run.
-    ``method='percentile'`` and ``'entropy'`` make a second pass for the histograms.
+    ``method='percentile'``, ``'entropy'`` and ``'mse'`` make a second pass for the histograms.
     """
     if method not in RANGE_METHODS:
         raise ValueError(f"unknown calibration method {method!r} (use {', '.join(RANGE_METHODS)})")
@@ -192,7 +225,7 @@ def collect_stats(
         for n, v in out.items():
             stats[n].update(v)
         del out
-    if method in ("percentile", "entropy"):
+    if method in ("percentile", "entropy", "mse"):
         for s in stats.values():
             if s.count:
                 hi = s.max if s.max > s.min else s.min + 1e-6

@@ -59,7 +59,7 @@ class QuantizeInt8(Pass):
         mode: Literal["auto", "static", "dynamic"] = "auto"
         format: Literal["qdq", "qop"] = "qdq"  # qop: QLinearConv / QLinearMatMul / QGemm ... (qop.py)
         per_channel: bool = True
-        calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+        calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
         percentile: float = 99.99
         symmetric_activations: bool = False
         reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: if the int8 GEMM saturates
