@@ -7,7 +7,8 @@ The int8 issue quotes, for an AVX-512 VNNI / AMX CPU, a single 3x3 Conv in int8 
 the latency targets (resnet18 <= 0.5x, transformers <= 0.4x) can be judged against what the kernels
 can give at all:
 
-- Conv 3x3, C -> C channels, pads 1: (64, 56x56), (128, 28x28), (256, 14x14), (512, 7x7), batch 1.
+- Conv 3x3, C -> C channels, pads 1: (64, 56x56), (128, 28x28), (256, 14x14), (512, 7x7), batch 1;
+  and resnet18's 7x7/2 stem (3 -> 64 channels, 224x224) and a 1x1/2 downsample (64 -> 128, 56x56).
   ``qdq``: float in/out, ``Q -> DQ -> Conv(DQ w int8 per-channel, DQ b int32) -> Q -> DQ`` (onnxruntime
   fuses it into QuantizeLinear -> QLinearConv -> DequantizeLinear); ``kernel``: uint8 in/out, one
   QLinearConv (the int8 kernel alone, no boundary conversions).
@@ -45,12 +46,15 @@ def _t(name, arr):
     return numpy_helper.from_array(np.asarray(arr), name)
 
 
-def conv_models(c: int, hw: int, rng):
-    w = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
+def conv_models(c: int, hw: int, rng, cin: int | None = None, k: int = 3, stride: int = 1):
+    cin = cin or c
+    w = (rng.standard_normal((c, cin, k, k)) * np.sqrt(2.0 / (k * k * cin))).astype(np.float32)
     b = (rng.standard_normal(c) * 0.1).astype(np.float32)
-    attrs = {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}
-    x_vi = helper.make_tensor_value_info("x", F, [1, c, hw, hw])
-    y_vi = helper.make_tensor_value_info("y", F, [1, c, hw, hw])
+    p = k // 2
+    attrs = {"pads": [p, p, p, p], "kernel_shape": [k, k], "strides": [stride, stride]}
+    ohw = (hw + 2 * p - k) // stride + 1
+    x_vi = helper.make_tensor_value_info("x", F, [1, cin, hw, hw])
+    y_vi = helper.make_tensor_value_info("y", F, [1, c, ohw, ohw])
     fp32 = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)], [x_vi], [y_vi], [_t("w", w), _t("b", b)])
     ws = (np.abs(w).reshape(c, -1).max(1) / 127).astype(np.float32)
     wq = np.clip(np.rint(w / ws[:, None, None, None]), -127, 127).astype(np.int8)
@@ -68,9 +72,9 @@ def conv_models(c: int, hw: int, rng):
         helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"]),
     ], [x_vi], [y_vi], inits)
     kern = _model([helper.make_node("QLinearConv", ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"], ["yq"], **attrs)],
-                  [helper.make_tensor_value_info("xq", U8, [1, c, hw, hw])], [helper.make_tensor_value_info("yq", U8, [1, c, hw, hw])],
+                  [helper.make_tensor_value_info("xq", U8, [1, cin, hw, hw])], [helper.make_tensor_value_info("yq", U8, [1, c, ohw, ohw])],
                   [i for i in inits if i.name not in ("bs",)])
-    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    x = rng.standard_normal((1, cin, hw, hw)).astype(np.float32)
     return {"fp32": fp32, "fp32_control": fp32, "qdq": qdq, "kernel": kern}, {"x": x, "xq": np.clip(np.rint(x / xs) + 128, 0, 255).astype(np.uint8)}
 
 
@@ -152,6 +156,12 @@ def main():
         models, feeds = conv_models(c, hw, rng)
         rows.append(run_case(f"conv3x3 C={c} {hw}x{hw}", models, feeds, args.seconds))
         print(json.dumps(rows[-1]), flush=True)
+    models, feeds = conv_models(64, 224, rng, cin=3, k=7, stride=2)  # the resnet stem: 3 input channels
+    rows.append(run_case("conv7x7/2 3->64 224x224 (resnet stem)", models, feeds, args.seconds))
+    print(json.dumps(rows[-1]), flush=True)
+    models, feeds = conv_models(128, 56, rng, cin=64, k=1, stride=2)  # a resnet downsample
+    rows.append(run_case("conv1x1/2 64->128 56x56 (downsample)", models, feeds, args.seconds))
+    print(json.dumps(rows[-1]), flush=True)
     shapes = [("bert_mini qkv/out", 128, 256, 256), ("bert_mini ffn1", 128, 256, 1024), ("bert_mini ffn2", 128, 1024, 256),
               ("gpt2_mini c_attn", 64, 256, 768), ("gpt2_mini c_proj", 64, 256, 256), ("gpt2_mini mlp fc", 64, 256, 1024),
               ("gpt2_mini mlp proj", 64, 1024, 256)]

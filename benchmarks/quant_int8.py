@@ -26,9 +26,11 @@ from graphopt import latency
 from graphopt.verify import make_session
 
 
-def rel_l2(model_path, ref_path, feeds_list):
+def rel_l2(model_path, ref_path, feeds_list, level="all"):
+    """Worst relative L2 error over the held-out inputs, the int8 model run at ``level`` ("all": the
+    fused kernels a user gets; "disable": what the QDQ graph means, as the verifier runs it)."""
     ref = make_session(ref_path, "disable")
-    got = make_session(model_path, "all")
+    got = make_session(model_path, level)
     worst = 0.0
     for f in feeds_list:
         r = ref.run(None, f)
@@ -77,6 +79,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-latency", action="store_true", help="errors and sizes only (no timing)")
+    ap.add_argument("--ort-pre", action="store_true", help="also quant_pre_process + quantize_static defaults (as compare.py)")
     ap.add_argument("--pipeline", default="O2,quantize-int8", help="graphopt pipeline (several: separate with '|')")
     args = ap.parse_args()
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -89,6 +92,10 @@ def main():
         ensure_calib(calib, src, args.samples, 1)
         ensure_calib(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"), src, 8, 2)
         held = split(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"))
+        sample = []
+        if os.path.exists(os.path.join(args.corpus, f"{name}.npz")):
+            z = np.load(os.path.join(args.corpus, f"{name}.npz"))
+            sample = [{i.name: z[i.name] for i in onnx.load(src, load_external_data=False).graph.input if i.name in z.files}]
         models = {"fp32": src, "fp32_control": src}
         info = {}
         for i, pipe in enumerate(args.pipeline.split("|")):
@@ -108,6 +115,16 @@ def main():
                 models["ort_static"] = ort_s
             except Exception as e:
                 print(f"{name}: quantize_static failed: {e}", file=sys.stderr)
+            if args.ort_pre:  # as compare.py runs it: quant_pre_process, then quantize_static's defaults (per-tensor)
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+
+                pre, ort_p = os.path.join(tmp, f"{name}.pre.onnx"), os.path.join(tmp, f"{name}.ort_static_pre.onnx")
+                try:
+                    quant_pre_process(src, pre)
+                    quantize_static(pre, ort_p, Reader(split(calib)), quant_format=QuantFormat.QDQ)
+                    models["ort_static_pre"] = ort_p
+                except Exception as e:
+                    print(f"{name}: quant_pre_process + quantize_static failed: {e}", file=sys.stderr)
             if name in ("bert_mini", "gpt2_mini"):
                 ort_d = os.path.join(tmp, f"{name}.ort_dynamic.onnx")
                 quantize_dynamic(src, ort_d, weight_type=QuantType.QInt8, per_channel=True)
@@ -127,6 +144,9 @@ def main():
                 row[f"size_{k}"] = os.path.getsize(p) / os.path.getsize(src)
             if k not in ("fp32", "fp32_control"):
                 row[f"rel_l2_{k}"] = rel_l2(p, src, held)
+                row[f"rel_l2_disable_{k}"] = rel_l2(p, src, held, "disable")
+                if sample:  # the corpus sample input at DISABLE_ALL: what compare.py's deviation row shows
+                    row[f"rel_l2_sample_{k}"] = rel_l2(p, src, sample, "disable")
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -208,8 +208,9 @@ def test_latency_check_reports_every_region():
     model = conv_model()
     calib = feeds_for(model, 4, 1)
     _, _, res, _ = run_pass(model, calib)
-    lat = [n for n in res.notes if n.startswith("latency: region")]
+    lat = [n for n in res.notes if n.startswith(("latency: region", "latency: node"))]
     assert lat and all(("-> int8" in n) or ("-> float" in n) for n in lat)
+    assert any(n.startswith("latency: whole model") for n in res.notes) or not res.stats.get("quantized")
     assert res.stats.get("quantized", 0) + res.stats.get("kept_float", 0) == 3
 
 
@@ -392,3 +393,32 @@ def test_entropy_calibration_streams_with_bounded_histograms():
     out = ctx2.to_model(graph)
     for f in feeds_for(model, 3, 7):
         assert cosine(Runner(model).run(f)["y"], Runner(out).run(f)["y"]) > 0.995
+
+
+def test_mse_range_and_weight_scale_search():
+    from graphopt.calibrate import mse_range
+    from passes.quant.qdq import dequantize_weight, quantize_weight
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200000)
+    x[:20] *= 12  # a few outliers: the least-error range clips them
+    h, _ = np.histogram(x, bins=2048, range=(x.min(), x.max()))
+    lo, hi = mse_range(h, (x.min(), x.max()))
+    assert x.min() < lo < 0 < hi < x.max()
+
+    def mse(a, b):
+        q = np.clip(np.rint((x - a) / ((b - a) / 255)), 0, 255) * ((b - a) / 255) + a
+        return float(((q - x) ** 2).mean())
+
+    assert mse(lo, hi) < mse(x.min(), x.max())
+    u = rng.uniform(0, 1, 100000)  # nothing to clip, zero end kept
+    h, _ = np.histogram(u, bins=2048, range=(0, 1))
+    assert mse_range(h, (0, 1)) == pytest.approx((0, 1), abs=0.01)
+    # weight scales: never a larger error than max |w| / qmax, per channel
+    w = rng.laplace(size=(16, 64, 3, 3)).astype(np.float32)  # heavy tails: the max is far out
+    errs = []
+    for search in (False, True):
+        q, s = quantize_weight(w, 0, 63, search)
+        assert q.dtype == np.int8 and np.abs(q).max() <= 63 and s.shape == (16,)
+        errs.append(((dequantize_weight(q, s, 0) - w) ** 2).reshape(16, -1).sum(1))
+    assert (errs[1] <= errs[0] * (1 + 1e-6)).all() and errs[1].sum() < 0.995 * errs[0].sum()
