@@ -65,7 +65,7 @@ class QuantizeInt8(Pass):
         calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
         percentile: float = 99.99
         symmetric_activations: bool = False
-        weight_scale: Literal["absmax", "mse"] = "absmax"  # mse: per-channel clip ratio with the least weight error
+        weight_scale: Literal["absmax", "mse"] = "mse"  # mse: per-channel clip ratio with the least weight error
         reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: if the int8 GEMM saturates
         exclude: tuple[str, ...] = ()  # node names kept in float
         op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
