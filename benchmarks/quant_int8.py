@@ -73,7 +73,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=os.path.join(os.environ.get("GRAPHOPT_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared"), "corpus"))
     ap.add_argument("--calib-dir", required=True)
-    ap.add_argument("--models", default="squeezenet1_1,mobilenet_v3_small,mobilenet_v2,resnet18,efficientnet_b0,bert_mini,gpt2_mini")
+    ap.add_argument("--models", default="squeezenet1_1,mobilenet_v3_small,mobilenet_v2,resnet18,efficientnet_b0,bert_mini,gpt2_mini,digits_cnn,digits_mlp")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=20.0, help="latency budget per model")
     ap.add_argument("--out", default=None)
@@ -86,13 +86,21 @@ def main():
 
     rows = []
     tmp = tempfile.mkdtemp(prefix="quant_bench_")
+    digits_dir = os.path.join(os.path.dirname(os.path.abspath(args.corpus)), "digits")
     for name in args.models.split(","):
-        src = os.path.join(args.corpus, f"{name}.onnx")
-        calib = os.path.join(args.calib_dir, f"calib_{name}_{args.samples}.npz")
-        ensure_calib(calib, src, args.samples, 1)
-        ensure_calib(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"), src, 8, 2)
-        held = split(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"))
         sample = []
+        if name.startswith("digits_"):  # calibrate on x_calib; held-out: x_test in batches of 32 (compare.py's latency batch)
+            src = os.path.join(digits_dir, f"{name}.onnx")
+            d = np.load(os.path.join(digits_dir, "digits_data.npz"))
+            calib = os.path.join(args.calib_dir, f"calib_{name}_xcalib.npz")
+            np.savez(calib, input=d["x_calib"])
+            held = [{"input": d["x_test"][i:i + 32]} for i in range(0, 256, 32)]
+        else:
+            src = os.path.join(args.corpus, f"{name}.onnx")
+            calib = os.path.join(args.calib_dir, f"calib_{name}_{args.samples}.npz")
+            ensure_calib(calib, src, args.samples, 1)
+            ensure_calib(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"), src, 8, 2)
+            held = split(os.path.join(args.calib_dir, f"calib_{name}_8_s2.npz"))
         if os.path.exists(os.path.join(args.corpus, f"{name}.npz")):
             z = np.load(os.path.join(args.corpus, f"{name}.npz"))
             sample = [{i.name: z[i.name] for i in onnx.load(src, load_external_data=False).graph.input if i.name in z.files}]
@@ -134,7 +142,7 @@ def main():
             med = [1.0] * len(models)
         else:
             protos = [onnx.load(p) for p in models.values()]
-            med = latency.compare(protos, feeds, budget_seconds=args.seconds, min_rounds=10, max_rounds=400)
+            med = latency.compare(protos, feeds, budget_seconds=args.seconds, min_rounds=10, max_rounds=20000)
         base = med[0]
         row = {"model": name, "fp32_ms": None if args.no_latency else base * 1e3, "graphopt": info}
         for (k, p), m in zip(models.items(), med):

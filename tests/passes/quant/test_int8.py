@@ -397,7 +397,7 @@ def test_entropy_calibration_streams_with_bounded_histograms():
 
 def test_mse_range_and_weight_scale_search():
     from graphopt.calibrate import mse_range
-    from passes.quant.qdq import dequantize_weight, quantize_weight
+    from graphopt.passes.quant.qdq import dequantize_weight, quantize_weight
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200000)
@@ -422,3 +422,32 @@ def test_mse_range_and_weight_scale_search():
         assert q.dtype == np.int8 and np.abs(q).max() <= 63 and s.shape == (16,)
         errs.append(((dequantize_weight(q, s, 0) - w) ** 2).reshape(16, -1).sum(1))
     assert (errs[1] <= errs[0] * (1 + 1e-6)).all() and errs[1].sum() < 0.995 * errs[0].sum()
+
+
+def test_kernel_only_graph_runs_the_int8_kernel_alone():
+    """The kernel check times QLinearConv alone (int8 in, int8 out), not the boundary Q/DQ."""
+    from graphopt.passes.quant.int8 import _extract, _kernel_only
+    from graphopt.passes.quant.qdq import Plan, QuantParams, apply_plan
+    from graphopt.shapes import infer_shapes
+
+    model = conv_model()
+    ctx = PassContext(opset=17)
+    ctx.model_template = model
+    g = ir.import_model(model)
+    infer_shapes(g, ctx)
+    conv = [n for n in g.nodes if n.op == "Conv"][1]  # c2: no BN, reads r1
+    conv.name = "c2node"
+    sub = _extract(g, {conv.name}, {})
+    assert sub is not None
+    g_float, feeds = sub
+    qp = QuantParams({t.name: (-3.0, 3.0) for t in g_float.tensors().values()}, {})
+    apply_plan(g_float, Plan({conv.name}), qp)
+    k = _kernel_only(g_float)
+    assert k is not None
+    g_k, k_feeds = k
+    m = ctx.to_model(g_k)
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.type.tensor_type.elem_type for i in m.graph.input] == [onnx.TensorProto.UINT8]
+    assert set(ort_ops(m)) <= {"QLinearConv", "Transpose"} and ort_ops(m)["QLinearConv"] == 1  # Transpose: NHWC layout
+    out = make_session(m, "all").run(None, k_feeds)[0]
+    assert out.dtype == np.uint8 and out.shape == (1, 16, 12, 12)
