@@ -129,8 +129,8 @@ class QuantizeInt8(Pass):
         notes.extend(acc_notes)
 
         # the whole model, as a last guard: regions that pay alone must also pay together ----------
-        if o.latency_check and len(plan.static | plan.dynamic):
-            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes, check.feeds)
+        if o.latency_check and (plan.static | plan.dynamic | getattr(self, "_kernel_dropped", set())):
+            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes, check.feeds, check)
 
         for c in cands:
             if c.name in (plan.static | plan.dynamic | plan.embed):
@@ -334,7 +334,7 @@ class QuantizeInt8(Pass):
             regions.append((nodes, sorted(g)))
         return regions
 
-    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes, feeds_list) -> Plan:
+    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes, feeds_list, check=None) -> Plan:
         """Time the whole model against two float copies (their ratio is the noise).  Not faster beyond
         the noise: the most marginal regions go back to float (region ratio above 0.9, then 0.8, ...)
         and the model is timed again, down to all-float."""
@@ -345,6 +345,30 @@ class QuantizeInt8(Pass):
             return plan
         feeds = feeds_list[0]
         region_ratio = getattr(self, "_region_ratio", {})
+        dropped = set(getattr(self, "_kernel_dropped", {}))
+        if dropped and check is not None:
+            # a node whose kernel alone did not pay may still pay in place (it moves the Q to a smaller
+            # tensor, or keeps a layout change away): time the model both ways and keep the faster
+            alt = Plan(plan.static | dropped, set(plan.dynamic), set(plan.embed))
+            g1, g2 = graph.copy(), graph.copy()
+            apply_plan(g1, plan, qp)
+            apply_plan(g2, alt, qp)
+            m2 = ctx.to_model(g2)
+            try:
+                t_1, t_2 = latency.compare([ctx.to_model(g1), m2], feeds, budget_seconds=2.0, max_rounds=2000)
+            except Exception:
+                t_1, t_2 = 1.0, 2.0
+            ok, _ = check(m2) if t_2 < t_1 else (False, "")
+            if ok:
+                for u in dropped:
+                    reasons.pop(u, None)
+                    region_ratio.setdefault(u, 0.95)
+                notes.append(f"latency: the model with the {len(dropped)} node(s) whose kernel alone did not pay back in int8 "
+                             f"runs in {t_2 / t_1:.2f}x the time without them -> int8 again")
+                plan = alt
+            else:
+                notes.append(f"latency: the model with the {len(dropped)} node(s) whose kernel alone did not pay back in int8 "
+                             f"runs in {t_2 / t_1:.2f}x the time without them -> they stay float")
         for cut in (None, 0.9, 0.8, 0.7, 0.0):
             if cut is not None:
                 drop = [u for u in plan.static | plan.dynamic if region_ratio.get(u, 0.95) > cut]
@@ -444,6 +468,7 @@ class QuantizeInt8(Pass):
                 drop.append(n.name)
                 reasons[n.name] = f"its int8 kernel alone measured {ratio:.2f}x the float {n.op} (needs <= {o.latency_margin})"
                 notes.append(f"latency: node {n.name} int8 kernel/float = {ratio:.2f} ({t_f * 1e6:.0f} -> {t_q * 1e6:.0f} us/run) -> float")
+        self._kernel_dropped = set(drop)
         return plan.without(drop)
 
     def _latency_filter(self, graph, ctx, plan: Plan, qp: QuantParams, reasons) -> tuple[Plan, list[str]]:
@@ -452,6 +477,7 @@ class QuantizeInt8(Pass):
         o = self.options
         notes: list[str] = []
         self._region_ratio: dict[str, float] = {}
+        self._kernel_dropped: set[str] = set()
         symbols: dict[str, int] = {}  # symbolic dims (a dynamic batch) take their size from real data
         first = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
         if first is None:
