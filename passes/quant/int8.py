@@ -44,6 +44,10 @@ from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn, out
 from .qop import to_qop
 
 
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "MatMulInteger", "ConvInteger",
+                  "QLinearMatMul", "QGemm", "QLinearAdd", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
 @dataclass
 class _Candidate:
     name: str
@@ -87,7 +91,7 @@ class QuantizeInt8(Pass):
         notes: list[str] = []
         if (ctx.opset or graph.opset or 0) < 13:
             return PassResult(False, {"quantized": 0}, [f"model: opset {ctx.opset or graph.opset} < 13 has no per-channel QuantizeLinear; not quantized"])
-        if any(n.op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "MatMulInteger", "ConvInteger", "QLinearMatMul") for n in graph.nodes):
+        if any(n.op in _QUANTIZED_OPS for n in graph.nodes):
             return PassResult(False, {"quantized": 0}, ["model: already quantized"])
 
         changed = False

@@ -389,7 +389,7 @@ def test_entropy_calibration_streams_with_bounded_histograms():
         assert st[n].hist.shape == (1024,) and st[n].hist.sum() == 6 * np.prod(Runner(model, extra_outputs=[n]).run(calib[0], [n])[n].shape)
         lo, hi = st[n].range("entropy")
         assert st[n].min - 1e-6 <= lo <= 0 <= hi <= st[n].max + 1e-6
-    graph, ctx2, res, _ = run_pass(model, calib, latency_check=False, calibration="entropy")
+    graph, ctx2, _, _ = run_pass(model, calib, latency_check=False, calibration="entropy")
     out = ctx2.to_model(graph)
     for f in feeds_for(model, 3, 7):
         assert cosine(Runner(model).run(f)["y"], Runner(out).run(f)["y"]) > 0.995
@@ -439,7 +439,7 @@ def test_kernel_only_graph_runs_the_int8_kernel_alone():
     conv.name = "c2node"
     sub = _extract(g, {conv.name}, {})
     assert sub is not None
-    g_float, feeds = sub
+    g_float, _ = sub
     qp = QuantParams({t.name: (-3.0, 3.0) for t in g_float.tensors().values()}, {})
     apply_plan(g_float, Plan({conv.name}), qp)
     k = _kernel_only(g_float)

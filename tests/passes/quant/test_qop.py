@@ -10,7 +10,7 @@ import pytest
 
 import graphopt
 from graphopt.verify import Runner, make_session
-from tests.passes.quant.test_int8 import _vals, conv_model, cosine, feeds_for, matmul_model, ort_ops, run_pass
+from tests.passes.quant.test_int8 import _vals, conv_model, cosine, feeds_for, matmul_model, run_pass
 
 
 def _both(model, calib, **opts):
@@ -51,7 +51,7 @@ def test_conv_model_becomes_qlinear_ops_and_matches_qdq():
 def test_static_matmul_qlinearmatmul_and_float_output():
     model = matmul_model()
     both = _both(model, feeds_for(model, 8, 1), mode="static")
-    qop, res, graph = both["qop"]
+    qop, _, graph = both["qop"]
     onnx.checker.check_model(qop, full_check=True)
     ops = collections.Counter(n.op for n in graph.nodes)
     assert ops["QLinearMatMul"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0
