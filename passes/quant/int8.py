@@ -8,13 +8,16 @@ Steps:
    DynamicQuantizeMatMul); other Gemm / MatMul -> static when calibration data exists, dynamic
    otherwise; Gather on a constant table (embeddings) -> int8 table; everything else stays float;
 3. calibrate: activation ranges and per-channel input means, streamed batch by batch;
-4. latency: each int8 region (connected quantized nodes, entered and left once) is cut out of the
+4. latency: first each static node's int8 kernel alone (int8 in, int8 out) is timed against the
+   float node (``kernel-check``): a node whose kernel is not faster (e.g. a 3-channel stem Conv) stays
+   float.  Then each int8 region (connected quantized nodes, entered and left once) is cut out of the
    model and timed against its float version at ORT_ENABLE_ALL, 1 thread, interleaved rounds; a
    region that does not pay (<= ``latency-margin`` of its float time) stays float, unless it costs at
-   most ``latency-floor-us`` more per run (tiny models: size wins).  For a model of only MatMul/Gemm,
-   ``mode=auto`` times the whole model with them static and dynamic and keeps the faster.  At the end
-   the whole model is timed against two float copies (their ratio is the noise): slower beyond the
-   noise -> the compute nodes stay float;
+   most ``latency-floor-us`` more per run.  For a model of only MatMul/Gemm, ``mode=auto`` times the
+   whole model with them static and dynamic and keeps the faster.  At the end the whole model is
+   timed against two float copies (their ratio is the noise): the int8 model is kept only if it is
+   faster beyond the noise, or not slower in a second, longer run (never slower: no floor here); else
+   the most marginal regions go back to float and it is timed again;
 5. accuracy: the candidate is checked with the verifier's own rule (``ctx.budget``, the ``--eval``
    accuracy, or the default budget); if it fails, nodes are ranked by sensitivity (quantized one at a
    time, output error measured) and the most sensitive go back to float until the budget holds;
@@ -37,7 +40,12 @@ import onnx_graphsurgeon as gs
 from graphopt import Pass, PassContext, PassResult, register_pass, rewrite
 from graphopt.shapes import infer_shapes
 
-from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn
+from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn, output_after_act
+from .qop import to_qop
+
+
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "MatMulInteger", "ConvInteger",
+                  "QLinearMatMul", "QGemm", "QLinearAdd", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
 
 @dataclass
@@ -56,19 +64,21 @@ class QuantizeInt8(Pass):
     @dataclass(frozen=True)
     class Options:
         mode: Literal["auto", "static", "dynamic"] = "auto"
-        format: Literal["qdq"] = "qdq"
+        format: Literal["qdq", "qop"] = "qdq"  # qop: QLinearConv / QLinearMatMul / QGemm ... (qop.py)
         per_channel: bool = True
-        calibration: Literal["minmax", "percentile"] = "minmax"
+        calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
         percentile: float = 99.99
         symmetric_activations: bool = False
+        weight_scale: Literal["absmax", "mse"] = "mse"  # mse: per-channel clip ratio with the least weight error
         reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: if the int8 GEMM saturates
         exclude: tuple[str, ...] = ()  # node names kept in float
-        op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Gather")
+        op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
         embeddings: bool = True
         bias_correction: bool = True
         latency_check: bool = True
         latency_margin: float = 0.97  # a region must run in <= this fraction of its float time
         latency_floor_us: float = 50.0  # ...unless int8 costs at most this many microseconds more per run
+        kernel_check: bool = True  # time each static node's int8 kernel alone first; slower ones stay float
         max_calibration_batches: int = 0  # 0: all
         ranking: Literal["on-failure", "always"] = "on-failure"  # sensitivity ranking in the report
         min_weight_elements: int = 0  # smaller weights stay float (the latency check decides otherwise)
@@ -81,7 +91,7 @@ class QuantizeInt8(Pass):
         notes: list[str] = []
         if (ctx.opset or graph.opset or 0) < 13:
             return PassResult(False, {"quantized": 0}, [f"model: opset {ctx.opset or graph.opset} < 13 has no per-channel QuantizeLinear; not quantized"])
-        if any(n.op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "MatMulInteger", "ConvInteger", "QLinearMatMul") for n in graph.nodes):
+        if any(n.op in _QUANTIZED_OPS for n in graph.nodes):
             return PassResult(False, {"quantized": 0}, ["model: already quantized"])
 
         changed = False
@@ -108,7 +118,7 @@ class QuantizeInt8(Pass):
 
         # auto: static or dynamic for a model of only MatMul / Gemm (no Conv), by measurement ----
         reasons: dict[str, str] = {}
-        if o.mode == "auto" and o.latency_check and plan.static and not any(by_name[n].op == "Conv" for n in plan.static):
+        if o.mode == "auto" and o.latency_check and plan.static and not any(by_name[n].op in ("Conv", "ConvTranspose") for n in plan.static):
             plan, note = self._static_or_dynamic(graph, ctx, plan, qp, by_name)
             notes.append(note)
 
@@ -123,8 +133,8 @@ class QuantizeInt8(Pass):
         notes.extend(acc_notes)
 
         # the whole model, as a last guard: regions that pay alone must also pay together ----------
-        if o.latency_check and len(plan.static | plan.dynamic):
-            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes, check.feeds)
+        if o.latency_check and (plan.static | plan.dynamic | getattr(self, "_kernel_dropped", set())):
+            plan = self._whole_model_check(graph, ctx, plan, qp, float_model, reasons, notes, check.feeds, check)
 
         for c in cands:
             if c.name in (plan.static | plan.dynamic | plan.embed):
@@ -146,6 +156,8 @@ class QuantizeInt8(Pass):
             stats["quantized"] = 0
             return PassResult(changed, stats, skipped, notes)
         counts = apply_plan(graph, plan, qp)
+        if o.format == "qop":
+            counts.update(to_qop(graph, ctx.opset or graph.opset or 13))
         if qp.weight_qmax < 127:
             notes.append("weights use 7 bits (reduce-range): this machine's int8 GEMM saturates u8 x s8 pair sums at int16 "
                          "(AVX2 without VNNI), which the unfused reference run would not show")
@@ -154,8 +166,9 @@ class QuantizeInt8(Pass):
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and id(t) not in io and name not in annotated:
                 t.shape, t.dtype = None, None
+        form = "QOperator" if o.format == "qop" else "QDQ"
         for n in sorted(plan.static):
-            notes.append(f"{n}: {by_name[n].op} static int8 (QDQ, per-channel weights)")
+            notes.append(f"{n}: {by_name[n].op} static int8 ({form}, per-channel weights)")
         for n in sorted(plan.dynamic):
             notes.append(f"{n}: {by_name[n].op} dynamic int8 (weights int8, activations quantized per run)")
         for n in sorted(plan.embed):
@@ -181,7 +194,7 @@ class QuantizeInt8(Pass):
         ops = set(o.op_types)
         calib = ctx.has_calibration
         for n in graph.nodes:
-            if n.op not in ("Conv", "Gemm", "MatMul", "Gather") or n.op not in ops:
+            if n.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather") or n.op not in ops:
                 continue
             if n.name in exclude:
                 why.append(f"{n.name}: {n.op} excluded by the user")
@@ -219,15 +232,15 @@ class QuantizeInt8(Pass):
         if w.size < o.min_weight_elements:
             return f"weight of {w.size} elements is too small to pay for a Q/DQ boundary", ""
         rank = len(a.shape) if a.shape is not None else None
-        if n.op == "Conv":
+        if n.op in ("Conv", "ConvTranspose"):
             if w.ndim not in (3, 4):
-                return f"{w.ndim - 2}-D Conv has no int8 kernel here", ""
+                return f"{w.ndim - 2}-D {n.op} has no int8 kernel here", ""
             if len(n.inputs) > 2 and not n.inputs[2].is_empty() and not rewrite.is_const(n.inputs[2]):
                 return "bias is not a constant", ""
             if o.mode == "dynamic":
-                return "dynamic Conv (ConvInteger) is slower than float on onnxruntime CPU", ""
+                return f"dynamic {n.op} (ConvInteger) is slower than float on onnxruntime CPU", ""
             if not calib:
-                return "static int8 Conv needs calibration data (--calibration)", ""
+                return f"static int8 {n.op} needs calibration data (--calibration)", ""
             return "", "static"
         if w.ndim != 2:
             return "weight is not 2-D", ""
@@ -259,7 +272,7 @@ class QuantizeInt8(Pass):
         axes: dict[str, int] = {}
         if o.bias_correction:
             for n in graph.nodes:
-                if n.name in plan.static or n.name in plan.dynamic:
+                if (n.name in plan.static or n.name in plan.dynamic) and n.op != "ConvTranspose":  # no uniform shift
                     axes[n.inputs[0].name] = 1 if n.op == "Conv" else -1
         names |= set(axes)
         st = collect_stats(ctx, model, sorted(names), channel_axes=axes, method=o.calibration,
@@ -274,7 +287,7 @@ class QuantizeInt8(Pass):
             reduce = o.reduce_range == "true"
         self._reduce_range = reduce
         return QuantParams(ranges, means, symmetric=o.symmetric_activations, bias_correction=o.bias_correction,
-                           per_channel=o.per_channel, weight_qmax=63 if reduce else 127)
+                           per_channel=o.per_channel, weight_qmax=63 if reduce else 127, weight_search=o.weight_scale == "mse")
 
     # ------------------------------------------------------------------------------------------
     def _regions(self, graph: gs.Graph, plan: Plan) -> list[tuple[set[str], list[str]]]:
@@ -325,7 +338,7 @@ class QuantizeInt8(Pass):
             regions.append((nodes, sorted(g)))
         return regions
 
-    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes, feeds_list) -> Plan:
+    def _whole_model_check(self, graph, ctx, plan: Plan, qp: QuantParams, float_model, reasons, notes, feeds_list, check=None) -> Plan:
         """Time the whole model against two float copies (their ratio is the noise).  Not faster beyond
         the noise: the most marginal regions go back to float (region ratio above 0.9, then 0.8, ...)
         and the model is timed again, down to all-float."""
@@ -336,6 +349,30 @@ class QuantizeInt8(Pass):
             return plan
         feeds = feeds_list[0]
         region_ratio = getattr(self, "_region_ratio", {})
+        dropped = set(getattr(self, "_kernel_dropped", {}))
+        if dropped and check is not None:
+            # a node whose kernel alone did not pay may still pay in place (it moves the Q to a smaller
+            # tensor, or keeps a layout change away): time the model both ways and keep the faster
+            alt = Plan(plan.static | dropped, set(plan.dynamic), set(plan.embed))
+            g1, g2 = graph.copy(), graph.copy()
+            apply_plan(g1, plan, qp)
+            apply_plan(g2, alt, qp)
+            m2 = ctx.to_model(g2)
+            try:
+                t_1, t_2 = latency.compare([ctx.to_model(g1), m2], feeds, budget_seconds=2.0, max_rounds=2000)
+            except Exception:
+                t_1, t_2 = 1.0, 2.0
+            ok, _ = check(m2) if t_2 < t_1 else (False, "")
+            if ok:
+                for u in dropped:
+                    reasons.pop(u, None)
+                    region_ratio.setdefault(u, 0.95)
+                notes.append(f"latency: the model with the {len(dropped)} node(s) whose kernel alone did not pay back in int8 "
+                             f"runs in {t_2 / t_1:.2f}x the time without them -> int8 again")
+                plan = alt
+            else:
+                notes.append(f"latency: the model with the {len(dropped)} node(s) whose kernel alone did not pay back in int8 "
+                             f"runs in {t_2 / t_1:.2f}x the time without them -> they stay float")
         for cut in (None, 0.9, 0.8, 0.7, 0.0):
             if cut is not None:
                 drop = [u for u in plan.static | plan.dynamic if region_ratio.get(u, 0.95) > cut]
@@ -350,8 +387,9 @@ class QuantizeInt8(Pass):
                     return plan
             g = graph.copy()
             apply_plan(g, plan, qp)
+            q_model = ctx.to_model(g)
             try:  # the float model twice: the identical pair measures the noise of this machine right now
-                t_f, t_c, t_q = latency.compare([float_model, float_model, ctx.to_model(g)], feeds, budget_seconds=3.0)
+                t_f, t_c, t_q = latency.compare([float_model, float_model, q_model], feeds, budget_seconds=3.0, max_rounds=2000)
             except Exception as e:
                 notes.append(f"latency: whole model not measured ({str(e).strip()[:100]})")
                 return plan
@@ -360,10 +398,19 @@ class QuantizeInt8(Pass):
             what = "all regions" if cut is None else f"regions <= {cut}x"
             fig = (f"whole model ({what}) int8/float = {ratio:.2f} ({t_f * 1e3:.2f} -> {t_q * 1e3:.2f} ms/run, control pair "
                    f"{t_c / t_f:.2f}; ORT_ENABLE_ALL, 1 thread, interleaved medians)")
-            if ratio <= 1.0 - noise or (t_q - t_f) * 1e6 <= self.options.latency_floor_us:
+            if ratio <= 1.0 - noise:
                 notes.append(f"latency: {fig} -> kept")
                 return plan
-            notes.append(f"latency: {fig} -> not faster beyond the noise")
+            if ratio <= 1.0:  # not slower, but within the noise: a second, longer run must agree
+                try:
+                    t_f2, t_q2 = latency.compare([float_model, q_model], feeds, budget_seconds=6.0, max_rounds=4000)
+                except Exception:
+                    t_f2, t_q2 = t_f, t_q
+                if t_q2 <= t_f2:
+                    notes.append(f"latency: {fig}; second run {t_q2 / t_f2:.2f} -> kept (not slower)")
+                    return plan
+                fig += f"; second run {t_q2 / t_f2:.2f}"
+            notes.append(f"latency: {fig} -> slower, or not faster beyond the noise")
         return plan
 
     def _static_or_dynamic(self, graph, ctx, plan: Plan, qp: QuantParams, by_name) -> tuple[Plan, str]:
@@ -390,14 +437,51 @@ class QuantizeInt8(Pass):
             return alt, f"mode: dynamic for {len(movable)} MatMul/Gemm (whole model timed: dynamic {t_d / t_s:.2f}x the static QDQ time)"
         return plan, f"mode: static QDQ for {len(movable)} MatMul/Gemm (whole model timed: static {t_s / t_d:.2f}x the dynamic time)"
 
+    def _kernel_filter(self, graph, ctx, plan: Plan, qp: QuantParams, reasons, symbols, notes) -> Plan:
+        """Each static node alone: its int8 kernel (int8 in, int8 out: what runs inside a region) timed
+        against the float node (with its Relu/Clip, as onnxruntime fuses both).  A node whose kernel is not
+        faster stays float, so its region is cut there (e.g. a 3-channel stem Conv, where int8 has
+        nothing to gain and the Q moves after it)."""
+        from graphopt import latency
+
+        o = self.options
+        layout = derive_layout(graph, plan.static)
+        graph_outputs = {t.name for t in graph.outputs}
+        drop = []
+        for n in graph.nodes:
+            if n.name not in plan.static or n.op not in ("Conv", "Gemm", "MatMul"):
+                continue
+            _, act = output_after_act(n, graph_outputs)
+            names = {n.name} | ({act.name} if act is not None and act.name in layout.absorbed else set())
+            sub = _extract(graph, names, symbols)
+            if sub is None:
+                continue
+            g_float, feeds = sub
+            g_int8 = g_float.copy()
+            apply_plan(g_int8, plan.only([n.name]), qp)
+            k = _kernel_only(g_int8)
+            if k is None:
+                continue
+            g_k, k_feeds = k
+            try:
+                t_f, t_q = latency.compare([ctx.to_model(g_float), ctx.to_model(g_k)], {**feeds, **k_feeds}, budget_seconds=0.4)
+            except Exception:
+                continue
+            ratio = t_q / t_f if t_f > 0 else 1.0
+            if ratio > o.latency_margin:
+                drop.append(n.name)
+                reasons[n.name] = f"its int8 kernel alone measured {ratio:.2f}x the float {n.op} (needs <= {o.latency_margin})"
+                notes.append(f"latency: node {n.name} int8 kernel/float = {ratio:.2f} ({t_f * 1e6:.0f} -> {t_q * 1e6:.0f} us/run) -> float")
+        self._kernel_dropped = set(drop)
+        return plan.without(drop)
+
     def _latency_filter(self, graph, ctx, plan: Plan, qp: QuantParams, reasons) -> tuple[Plan, list[str]]:
         from graphopt import latency
 
         o = self.options
         notes: list[str] = []
-        kept = plan.copy()
         self._region_ratio: dict[str, float] = {}
-        regions = self._regions(graph, plan)
+        self._kernel_dropped: set[str] = set()
         symbols: dict[str, int] = {}  # symbolic dims (a dynamic batch) take their size from real data
         first = next(iter(ctx.calibration_batches()), None) or (ctx.verify_feeds[0] if ctx.verify_feeds else None)
         if first is None:
@@ -412,6 +496,10 @@ class QuantizeInt8(Pass):
                 for d, v in zip(t.shape, np.shape(first[t.name])):
                     if isinstance(d, str):
                         symbols[d] = int(v)
+        if o.kernel_check:
+            plan = self._kernel_filter(graph, ctx, plan, qp, reasons, symbols, notes)
+        kept = plan.copy()
+        regions = self._regions(graph, plan)
         for nodes, units in regions:
             sub = _extract(graph, nodes, symbols)
             if sub is None:
@@ -560,6 +648,35 @@ class _BudgetCheck:
                 self._acc_ref = accuracy(self.input_model, self.ctx.eval_data)
             worst += max(0.0, self._acc_ref - accuracy(model, self.ctx.eval_data)) * 100
         return worst
+
+
+def _kernel_only(g: gs.Graph):
+    """``g`` (one quantized node with its entry Q and exit DQ) cut to the int8 kernel alone: the graph
+    input becomes the quantized tensor, the graph output the quantized result (random uint8/int8
+    feeds), so onnxruntime runs only QLinearConv / QGemm / QLinearMatMul.  None if it has another form."""
+    qs = [n for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0] in g.inputs]
+    if len(qs) != 1 or len(g.outputs) != 1:
+        return None
+    out_id = g.outputs[0].inputs[0] if g.outputs[0].inputs else None  # the Identity added by _extract
+    if out_id is None or out_id.op != "Identity":
+        return None
+    dq = out_id.inputs[0].inputs[0] if out_id.inputs[0].inputs else None
+    if dq is None or dq.op != "DequantizeLinear":
+        return None  # a float output (no Q after the node): nothing to cut
+    q = qs[0]
+    src = q.inputs[0]
+    qt = q.outputs[0]
+    qt.shape, qt.dtype = src.shape, np.dtype(q.inputs[2].values.dtype)
+    g.inputs = [qt]
+    q.inputs.clear()
+    q.outputs.clear()
+    y = dq.inputs[0]
+    y.shape, y.dtype = g.outputs[0].shape, np.dtype(dq.inputs[2].values.dtype) if len(dq.inputs) > 2 else np.uint8
+    g.outputs = [y]
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    rng = np.random.default_rng(0)
+    info = np.iinfo(qt.dtype)
+    return g, {qt.name: rng.integers(info.min, info.max + 1, size=qt.shape).astype(qt.dtype)}
 
 
 def _extract(graph: gs.Graph, names: set[str], symbols: dict[str, int] | None = None):

@@ -27,7 +27,7 @@ from graphopt import rewrite
 DROP_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 # int8-capable ops with their own output parameters (QLinearAdd, QLinearAveragePool, ...)
 OWN_OPS = {"Add", "AveragePool", "GlobalAveragePool", "Concat"}
-STATIC_OPS = {"Conv", "Gemm", "MatMul"}
+STATIC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 ACT_OPS = {"Relu", "Clip"}  # absorbed into the following Q's range
 
 
@@ -82,24 +82,41 @@ def act_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32, np.nd
     return (np.float32(scale) if scale > 0 else np.float32(1.0)), np.array(0, dtype=np.int8)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+CLIP_RATIOS = np.linspace(0.5, 1.0, 26)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 (range [-qmax, qmax]) per channel along ``axis`` (per tensor if None).
 
     ``qmax=63`` (reduce-range) keeps u8 x s8 pair sums inside int16: the AVX2 kernels (vpmaddubsw)
-    saturate otherwise, an error the unfused reference run never shows.
+    saturate otherwise, an error the unfused reference run never shows.  ``search``: each channel's
+    scale is the one (clip ratio 0.5 .. 1.0 of its max |w|) with the least squared rounding + clipping
+    error, instead of max |w| / qmax: a few large weights no longer coarsen the grid of all the others.
     """
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
-        amax = np.array(np.abs(w).max() if w.size else 0.0, dtype=np.float32)
-        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
-        return q, scale.reshape(())
-    axis = axis % w.ndim
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.abs(w).max(axis=red) if w.size else np.zeros(w.shape[axis], np.float32)
+        wc = w.reshape(1, -1)
+        shape = [1] * w.ndim
+    else:
+        axis = axis % w.ndim
+        wc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+    amax = np.abs(wc).max(axis=1) if wc.size else np.zeros(wc.shape[0], np.float32)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
+    if search and wc.size:
+        best_err = np.full(wc.shape[0], np.inf)
+        best = scale.copy()
+        for r in CLIP_RATIOS:
+            s = np.where(amax > 0, amax * r / qmax, 1.0).astype(np.float32)
+            err = ((np.clip(np.rint(wc / s[:, None]), -qmax, qmax) * s[:, None] - wc) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, s, best)
+        scale = best.astype(np.float32)
+    if axis is None:
+        q = np.clip(np.rint(w / scale[0]), -qmax, qmax).astype(np.int8)
+        return q, scale.reshape(())
     q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
@@ -258,12 +275,15 @@ class QuantParams:
     bias_correction: bool = True
     per_channel: bool = True
     weight_qmax: int = 127  # 63 with reduce-range
+    weight_search: bool = False  # per-channel MSE scale search (weight-scale=mse)
 
 
 def weight_axis(node: gs.Node) -> int:
     """The output-channel axis of a static/dynamic node's weight."""
     if node.op == "Conv":
         return 0
+    if node.op == "ConvTranspose":
+        return 1  # [C_in, C_out / group, k...]
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
     return 1  # MatMul [K, N]
@@ -341,7 +361,7 @@ def apply_plan(graph: gs.Graph, plan: Plan, qp: QuantParams) -> dict[str, int]:
 
 def _bias_shift(n: gs.Node, w: np.ndarray, dw: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
     """The mean output shift (W - Wq) . E[x] per output channel, or None without statistics."""
-    if mean is None:
+    if mean is None or n.op == "ConvTranspose":  # strided scatter: the shift is not uniform per channel
         return None
     if n.op == "Conv":
         group = int(n.attrs.get("group", 1))
@@ -361,18 +381,27 @@ def _bias_shift(n: gs.Node, w: np.ndarray, dw: np.ndarray, mean: np.ndarray | No
 def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, stats) -> None:
     w = rewrite.const_value(n.inputs[1]).astype(np.float32)
     axis = weight_axis(n)
-    q, ws = quantize_weight(w, axis if qp.per_channel else None, qp.weight_qmax)
+    q, ws = quantize_weight(w, axis if qp.per_channel else None, qp.weight_qmax, qp.weight_search)
     wname = n.inputs[1].name
     w_dq = _var(graph, wname, "dq", np.float32)
     dq_attrs = {"axis": axis} if ws.ndim else {}
     graph.nodes.append(gs.Node("DequantizeLinear", rewrite.derived_name(graph, wname, "DQ"),
                                attrs=dq_attrs, inputs=[_const(graph, wname, "q", q), _const(graph, wname, "scale", ws)]
-                               + ([] if n.op == "Conv" else [_const(graph, wname, "zp", np.zeros(ws.shape, np.int8))]),
+                               + ([] if n.op in ("Conv", "ConvTranspose") else [_const(graph, wname, "zp", np.zeros(ws.shape, np.int8))]),
                                outputs=[w_dq]))  # Conv: zero point omitted (0; smaller file); QGemm fusion wants it
     n.inputs[1] = w_dq
     if n.op == "MatMul":
         return
-    nout = w.shape[0] if axis == 0 else w.shape[1]
+    if n.op == "ConvTranspose":
+        group = int(n.attrs.get("group", 1))
+        nout = w.shape[1] * group
+        if ws.ndim and group > 1:  # output channel g * (C_out / group) + j has weight scale ws[j]
+            ws_out = np.tile(ws, group)
+        else:
+            ws_out = ws
+    else:
+        nout = w.shape[0] if axis == 0 else w.shape[1]
+        ws_out = ws
     b = rewrite.const_value(n.inputs[2]) if len(n.inputs) > 2 and not n.inputs[2].is_empty() else None
     b = np.zeros(nout, np.float32) if b is None else np.asarray(b, np.float32).reshape(-1)
     if b.size == 1 and nout > 1:
@@ -382,7 +411,7 @@ def _quantize_static_node(graph, n: gs.Node, xs: np.float32, qp: QuantParams, st
         if shift is not None:
             b = b + shift
             stats["bias_corrected"] += 1
-    bs = (np.float32(xs) * (ws if ws.ndim else np.full(nout, ws, np.float32))).astype(np.float32)
+    bs = (np.float32(xs) * (ws_out if ws_out.ndim else np.full(nout, ws_out, np.float32))).astype(np.float32)
     bq = np.clip(np.rint(b / bs), -(2**31) + 1, 2**31 - 1).astype(np.int32)
     bname = n.inputs[2].name if len(n.inputs) > 2 and not n.inputs[2].is_empty() else n.name + "_bias"
     b_dq = _var(graph, bname, "dq", np.float32)
@@ -399,7 +428,7 @@ def _quantize_dynamic_node(graph, n: gs.Node, qp: QuantParams, cache, stats) -> 
     w = rewrite.const_value(n.inputs[1]).astype(np.float32)
     trans = n.op == "Gemm" and int(n.attrs.get("transB", 0))
     wkn = np.ascontiguousarray(w.T) if trans else w
-    q, ws = quantize_weight(wkn, 1 if qp.per_channel else None, qp.weight_qmax)
+    q, ws = quantize_weight(wkn, 1 if qp.per_channel else None, qp.weight_qmax, qp.weight_search)
     dw = wkn - dequantize_weight(q, ws, 1 if qp.per_channel else None)
     if a.name not in cache:
         aq = _var(graph, a.name, "q", np.uint8)

@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 import onnx
 import onnx.parser
+import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt
@@ -207,8 +208,9 @@ def test_latency_check_reports_every_region():
     model = conv_model()
     calib = feeds_for(model, 4, 1)
     _, _, res, _ = run_pass(model, calib)
-    lat = [n for n in res.notes if n.startswith("latency: region")]
+    lat = [n for n in res.notes if n.startswith(("latency: region", "latency: node"))]
     assert lat and all(("-> int8" in n) or ("-> float" in n) for n in lat)
+    assert any(n.startswith("latency: whole model") for n in res.notes) or not res.stats.get("quantized")
     assert res.stats.get("quantized", 0) + res.stats.get("kept_float", 0) == 3
 
 
@@ -325,3 +327,127 @@ def test_reduce_range_makes_fused_kernels_match_the_reference():
         a, b = ref.run(None, f)[0], fused.run(None, f)[0]
         assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.01
     assert any("reduce-range" in n for n in res.notes)
+
+
+CONVT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,8,6,6] x) => (float[1,12,12,12] y) <float[8,6,3,3] w = {W}, float[12] b = {B}> {
+    y = ConvTranspose <strides = [2,2], pads = [1,1,0,0], group = 2> (x, w, b)
+}
+"""
+
+
+def test_conv_transpose_weights_per_channel_on_axis_1():
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model(CONVT.replace("{W}", "{" + _vals(rng, (8, 6, 3, 3), 0.2) + "}")
+                                    .replace("{B}", "{" + _vals(rng, 12, 0.1) + "}"))
+    graph, ctx, res, _ = run_pass(model, feeds_for(model, 4, 1), latency_check=False)
+    assert res.changed and res.stats["static"] == 1 and res.stats["bias_corrected"] == 0  # no uniform shift to correct
+    out = ctx.to_model(graph)
+    onnx.checker.check_model(out, full_check=True)
+    wdq = [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
+           and n.inputs[0].values.dtype == np.int8][0]
+    assert wdq.attrs["axis"] == 1 and wdq.inputs[1].values.shape == (6,)  # C_out / group scales
+    bdq = [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
+           and n.inputs[0].values.dtype == np.int32][0]
+    assert bdq.inputs[1].values.shape == (12,)  # bias: every output channel of both groups
+    ref, got = Runner(model), Runner(out)
+    for f in feeds_for(model, 3, 5):
+        assert cosine(ref.run(f)["y"], got.run(f)["y"]) > 0.999
+    # not in op-types: left alone
+    _, _, res2, _ = run_pass(model, feeds_for(model, 4, 1), latency_check=False, op_types=("Conv",))
+    assert not res2.changed
+
+
+def test_entropy_range_clips_outliers_and_keeps_uniform():
+    from graphopt.calibrate import entropy_range
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(200000), [40.0, -30.0]])
+    h, _ = np.histogram(x, bins=2048, range=(x.min(), x.max()))
+    lo, hi = entropy_range(h, (x.min(), x.max()))
+    assert -8 < lo < -2.5 and 2.5 < hi < 8  # the two outliers are clipped, the bulk kept
+    u = rng.uniform(-1, 1, 100000)
+    h, _ = np.histogram(u, bins=2048, range=(-1, 1))
+    assert entropy_range(h, (-1, 1)) == pytest.approx((-1, 1), abs=0.02)  # nothing to clip
+    r = np.maximum(rng.standard_normal(200000), 0)  # half exact zeros (a Relu): the spike must not decide
+    r[0] = 25
+    h, _ = np.histogram(r, bins=2048, range=(0, 25))
+    lo, hi = entropy_range(h, (0, 25))
+    assert lo == 0 and 2.5 < hi < 8
+
+
+def test_entropy_calibration_streams_with_bounded_histograms():
+    from graphopt.calibrate import collect_stats
+
+    model = conv_model()
+    calib = feeds_for(model, 6, 2)
+    ctx = PassContext(opset=17, calibration=lambda: iter(calib))
+    ctx.model_template = model
+    st = collect_stats(ctx, model, ["c1", "r1"], method="entropy", bins=1024)
+    for n in ("c1", "r1"):
+        assert st[n].hist.shape == (1024,) and st[n].hist.sum() == 6 * np.prod(Runner(model, extra_outputs=[n]).run(calib[0], [n])[n].shape)
+        lo, hi = st[n].range("entropy")
+        assert st[n].min - 1e-6 <= lo <= 0 <= hi <= st[n].max + 1e-6
+    graph, ctx2, _, _ = run_pass(model, calib, latency_check=False, calibration="entropy")
+    out = ctx2.to_model(graph)
+    for f in feeds_for(model, 3, 7):
+        assert cosine(Runner(model).run(f)["y"], Runner(out).run(f)["y"]) > 0.995
+
+
+def test_mse_range_and_weight_scale_search():
+    from graphopt.calibrate import mse_range
+    from graphopt.passes.quant.qdq import dequantize_weight, quantize_weight
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200000)
+    x[:20] *= 12  # a few outliers: the least-error range clips them
+    h, _ = np.histogram(x, bins=2048, range=(x.min(), x.max()))
+    lo, hi = mse_range(h, (x.min(), x.max()))
+    assert x.min() < lo < 0 < hi < x.max()
+
+    def mse(a, b):
+        q = np.clip(np.rint((x - a) / ((b - a) / 255)), 0, 255) * ((b - a) / 255) + a
+        return float(((q - x) ** 2).mean())
+
+    assert mse(lo, hi) < mse(x.min(), x.max())
+    u = rng.uniform(0, 1, 100000)  # nothing to clip, zero end kept
+    h, _ = np.histogram(u, bins=2048, range=(0, 1))
+    assert mse_range(h, (0, 1)) == pytest.approx((0, 1), abs=0.01)
+    # weight scales: never a larger error than max |w| / qmax, per channel
+    w = rng.laplace(size=(16, 64, 3, 3)).astype(np.float32)  # heavy tails: the max is far out
+    errs = []
+    for search in (False, True):
+        q, s = quantize_weight(w, 0, 63, search)
+        assert q.dtype == np.int8 and np.abs(q).max() <= 63 and s.shape == (16,)
+        errs.append(((dequantize_weight(q, s, 0) - w) ** 2).reshape(16, -1).sum(1))
+    assert (errs[1] <= errs[0] * (1 + 1e-6)).all() and errs[1].sum() < 0.995 * errs[0].sum()
+
+
+def test_kernel_only_graph_runs_the_int8_kernel_alone():
+    """The kernel check times QLinearConv alone (int8 in, int8 out), not the boundary Q/DQ."""
+    from graphopt.passes.quant.int8 import _extract, _kernel_only
+    from graphopt.passes.quant.qdq import Plan, QuantParams, apply_plan
+    from graphopt.shapes import infer_shapes
+
+    model = conv_model()
+    ctx = PassContext(opset=17)
+    ctx.model_template = model
+    g = ir.import_model(model)
+    infer_shapes(g, ctx)
+    conv = [n for n in g.nodes if n.op == "Conv"][1]  # c2: no BN, reads r1
+    conv.name = "c2node"
+    sub = _extract(g, {conv.name}, {})
+    assert sub is not None
+    g_float, _ = sub
+    qp = QuantParams({t.name: (-3.0, 3.0) for t in g_float.tensors().values()}, {})
+    apply_plan(g_float, Plan({conv.name}), qp)
+    k = _kernel_only(g_float)
+    assert k is not None
+    g_k, k_feeds = k
+    m = ctx.to_model(g_k)
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.type.tensor_type.elem_type for i in m.graph.input] == [onnx.TensorProto.UINT8]
+    assert set(ort_ops(m)) <= {"QLinearConv", "Transpose"} and ort_ops(m)["QLinearConv"] == 1  # Transpose: NHWC layout
+    out = make_session(m, "all").run(None, k_feeds)[0]
+    assert out.dtype == np.uint8 and out.shape == (1, 16, 12, 12)
