@@ -147,16 +147,16 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
 
 
-_LIGHT_BYTES = 4096  # initializers up to this size stay in a light model (shape arithmetic needs them)
+LIGHT_BYTES = 4096  # initializers up to this size stay in a light model (shape arithmetic needs them)
 
 
 def _is_heavy(t: onnx.TensorProto) -> bool:
-    """A weight a light model leaves out: a float tensor stored in raw_data, over ``_LIGHT_BYTES``
+    """A weight a light model leaves out: a float tensor stored in raw_data, over ``LIGHT_BYTES``
     (integer tensors stay: they may be shapes or indices that shape inference reads)."""
     return (t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                             onnx.TensorProto.DOUBLE)
             and t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
-            and _nbytes(t) > _LIGHT_BYTES)
+            and _nbytes(t) > LIGHT_BYTES)
 
 
 _ITEMSIZE: dict[int, int] = {}
@@ -286,10 +286,16 @@ def _raw_lengths(data: bytes) -> list[int] | None:
 _SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
 
 
+def _may_have_subgraphs(n: onnx.NodeProto) -> bool:
+    """Control flow, or a custom op: the only nodes whose attributes can hold graphs (reading every
+    node's attributes through upb costs more than the check)."""
+    return n.op_type in _SUBGRAPH_OPS or n.domain not in ("", "ai.onnx")
+
+
 def _reads(n: onnx.NodeProto) -> set[str]:
     """Names ``n`` reads: its inputs and what its subgraphs take from outer scopes."""
     ins = {i for i in n.input if i}
-    if n.op_type in _SUBGRAPH_OPS or n.domain not in ("", "ai.onnx"):
+    if _may_have_subgraphs(n):
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 ins |= _outer_refs(a.g)
@@ -302,7 +308,7 @@ def _reads(n: onnx.NodeProto) -> set[str]:
 def has_subgraphs(graph: onnx.GraphProto) -> bool:
     """True if a node of ``graph`` has a subgraph attribute (If, Loop, Scan, or a custom op's)."""
     for n in graph.node:
-        if (n.op_type in _SUBGRAPH_OPS or n.domain not in ("", "ai.onnx")) and any(
+        if _may_have_subgraphs(n) and any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             return True
     return False
@@ -552,8 +558,9 @@ def _all_graphs(graph: gs.Graph):
 
 
 def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
-    """``gs.export_onnx``, with tensors of kinds gs cannot export (optional, map) written untyped for
-    the moment: :func:`_restore_types` puts their types back from the template."""
+    """What ``gs.export_onnx`` makes (through :func:`_export_graph_proto`), with tensors of kinds gs
+    cannot export (optional, map) written untyped for the moment: :func:`_restore_types` puts their
+    types back from the template."""
     hidden = []
     for g in _all_graphs(graph):
         for t in g.tensors().values():
@@ -578,6 +585,8 @@ def proto_nodes(g: onnx.GraphProto):
     """Every NodeProto of ``g``, depth first: a node, then the nodes of its subgraphs."""
     for n in g.node:
         yield n
+        if not _may_have_subgraphs(n):
+            continue
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from proto_nodes(a.g)
@@ -589,8 +598,8 @@ def proto_nodes(g: onnx.GraphProto):
 def _proto_graphs(g: onnx.GraphProto):
     yield g
     for n in g.node:
-        if n.op_type not in _SUBGRAPH_OPS and n.domain in ("", "ai.onnx"):
-            continue  # only control flow (and custom ops) carry subgraphs
+        if not _may_have_subgraphs(n):
+            continue
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from _proto_graphs(a.g)
@@ -814,11 +823,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
 def _write_atomically(data: bytes, path: Path) -> None:
     """``data`` into ``path`` through a hidden temporary file beside it and a rename: a reader sees
     the old file or the new one, never half of one.  The file gets the usual mode (0666 less umask)."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.exists():
-        raise InputError(f"{folder}: output folder does not exist")
+    folder = _output_folder(path)
     tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -838,14 +843,20 @@ def _write_atomically(data: bytes, path: Path) -> None:
         raise
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, with one line, if ``path`` cannot be written (probing for real: root ignores modes)."""
-    path = Path(path)
+def _output_folder(path: Path) -> Path:
+    """The folder ``path`` goes in; a one-line error if ``path`` is a folder or its folder is missing."""
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
     if not folder.exists():
         raise InputError(f"{folder}: output folder does not exist")
+    return folder
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, with one line, if ``path`` cannot be written (probing for real: root ignores modes)."""
+    path = Path(path)
+    folder = _output_folder(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
         os.close(fd)

@@ -12,7 +12,6 @@ import onnx_graphsurgeon as gs
 from . import ir
 
 
-_SMALL = 4096  # initializers up to this many bytes keep their values (shape arithmetic needs them)
 
 
 def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
@@ -50,7 +49,7 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
             if nbytes is None:
                 nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize if t.shape is not None else 0
             is_int = np.dtype(t.dtype).kind in "iu" if not isinstance(t.dtype, int) else False
-            if is_int or nbytes <= _SMALL:
+            if is_int or nbytes <= ir.LIGHT_BYTES:  # shape arithmetic needs their values
                 g.initializer.append(OnnxExporter.export_tensor_proto(t))
             else:
                 g.input.append(onnx.helper.make_tensor_value_info(name, dtype_to_onnx(t.export_dtype), list(t.shape)))

@@ -176,7 +176,7 @@ def test_light_model_leaves_out_only_large_float_weights(fixtures_dir):
     light = ir.light_model(m)
     kept = {t.name for t in light.graph.initializer}
     for t in m.graph.initializer:
-        big = t.data_type == onnx.TensorProto.FLOAT and ir._nbytes(t) > ir._LIGHT_BYTES
+        big = t.data_type == onnx.TensorProto.FLOAT and ir._nbytes(t) > ir.LIGHT_BYTES
         assert (t.name not in kept) == big
         if big:
             vi = next(v for v in light.graph.input if v.name == t.name)
