@@ -12,6 +12,7 @@ the noise.  Medians.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -93,22 +94,26 @@ def main(argv: list[str] | None = None) -> int:
             peer_t: dict[str, list[float]] = {"onnxsim": [], "onnxslim": []}
             passes_t = []
             for _ in range(args.rounds):
+                gc.collect()  # each timed call starts without the garbage of the one before (peers leave plenty)
                 t = clock()
                 m = onnx.load(path)
                 onnx.save(m, os.path.join(d, "a.onnx"))
                 a.append(clock() - t)
+                gc.collect()  # each timed call starts without the garbage of the one before (peers leave plenty)
                 t = clock()
                 r = api.optimize(path, "O1", output=os.path.join(d, "b.onnx"), verify="off")
                 b.append(clock() - t)
                 passes_t.append(r.report.seconds["passes"])
                 if not args.no_peers:
                     for peer in ("onnxsim", "onnxslim"):
+                        gc.collect()
                         t = clock()
                         try:
                             _run_peer(peer, path, os.path.join(d, f"{peer}.onnx"))
                             peer_t[peer].append(clock() - t)
                         except Exception:
                             pass
+                gc.collect()  # each timed call starts without the garbage of the one before (peers leave plenty)
                 t = clock()
                 m = onnx.load(path)
                 onnx.save(m, os.path.join(d, "c.onnx"))
