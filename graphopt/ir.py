@@ -582,20 +582,13 @@ def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
 
 
 def proto_nodes(g: onnx.GraphProto):
-    """Every NodeProto of ``g``, depth first: a node, then the nodes of its subgraphs."""
-    for n in g.node:
-        yield n
-        if not _may_have_subgraphs(n):
-            continue
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from proto_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from proto_nodes(sg)
+    """Every NodeProto of ``g`` and its subgraphs, graph by graph (see :func:`_proto_graphs`)."""
+    for sg in _proto_graphs(g):
+        yield from sg.node
 
 
 def _proto_graphs(g: onnx.GraphProto):
+    """``g`` and every subgraph below it, depth first."""
     yield g
     for n in g.node:
         if not _may_have_subgraphs(n):
