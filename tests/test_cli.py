@@ -39,50 +39,35 @@ def _assert_one_line_error(r, code=2, contains=""):
     assert contains in lines[0], lines[0]
 
 
+def _write_model(path: Path, nodes, x_shape, y_name, y_shape, initializers=()) -> Path:
+    """A one-input, one-output float model (opset 17), written without any check: the bad inputs below."""
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(y_name, onnx.TensorProto.FLOAT, y_shape)], list(initializers))
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
 def _cycle_model(tmp_path) -> Path:
-    g = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])], "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    p = tmp_path / "cycle.onnx"
-    p.write_bytes(m.SerializeToString())
-    return p
+    return _write_model(tmp_path / "cycle.onnx", [helper.make_node("Add", ["x", "b"], ["a"]),
+                                                  helper.make_node("Relu", ["a"], ["b"])], [2], "b", [2])
 
 
 def _duplicate_model(tmp_path) -> Path:
-    g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["a"])], "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [2])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    p = tmp_path / "dup.onnx"
-    p.write_bytes(m.SerializeToString())
-    return p
+    return _write_model(tmp_path / "dup.onnx", [helper.make_node("Relu", ["x"], ["a"]),
+                                                helper.make_node("Neg", ["x"], ["a"])], [2], "a", [2])
 
 
 def _checker_fails_model(tmp_path) -> Path:
     # Relu with two inputs: parses fine, fails onnx.checker
-    g = helper.make_graph([helper.make_node("Relu", ["x", "x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    p = tmp_path / "bad_checker.onnx"
-    p.write_bytes(m.SerializeToString())
-    return p
+    return _write_model(tmp_path / "bad_checker.onnx", [helper.make_node("Relu", ["x", "x"], ["y"])], [2], "y", [2])
 
 
 def _short_weight_model(tmp_path) -> Path:
     # a 64x64 weight whose raw_data holds 100 bytes: parses, fails onnx.checker
     w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
     w.raw_data = w.raw_data[:100]
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 64])], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    p = tmp_path / "short_weight.onnx"
-    p.write_bytes(m.SerializeToString())
-    return p
+    return _write_model(tmp_path / "short_weight.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])], [2, 64], "y",
+                        [2, 64], [w])
 
 
 def _missing_external(tmp_path, fixtures_dir) -> Path:
