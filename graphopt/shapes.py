@@ -12,8 +12,6 @@ import onnx_graphsurgeon as gs
 from . import ir
 
 
-
-
 def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
     """What shape inference needs, without copying weights: nodes, signature, known value_info, small
     or integer initializers with their values, large ones as typed inputs (shape only)."""
