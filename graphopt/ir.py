@@ -25,7 +25,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import (
 )
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from . import lineage
+from . import importer, lineage
 from .errors import InputError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -387,7 +387,7 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
     with _gc_paused():
         try:
-            graph = gs.import_onnx(model)
+            graph = importer.import_onnx(model)
         except Exception as e:  # gs raises plain exceptions on odd models
             raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
         _import_what_gs_skips(model.graph, graph, model.ir_version)

@@ -1,0 +1,159 @@
+"""graphopt.importer builds the same gs.Graph as gs.import_onnx: same nodes, tensors, attributes, links.
+
+Compared on every model of the ONNX backend data (node cases, on-disk and light models) in the slow
+suite, on a sample of them and on the fixtures by default, and on the shared corpus where present.
+"""
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from graphopt import importer
+from tests.conftest import corpus_params
+
+sys.path.insert(0, str(Path(__file__).parent / "backend"))
+import harness  # noqa: E402
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def _describe(graph: gs.Graph) -> dict:
+    """Everything of ``graph`` an importer sets, with tensors and nodes named by their position (so
+    that two imports compare equal when they link the same objects the same way)."""
+    node_ix = {id(n): i for i, n in enumerate(graph.nodes)}
+    tensor_ix: dict[int, int] = {}
+
+    def tensor(t: gs.Tensor):
+        first = id(t) not in tensor_ix
+        tensor_ix.setdefault(id(t), len(tensor_ix))
+        d = {"ix": tensor_ix[id(t)], "cls": type(t).__name__, "name": t.name,
+             "producers": [node_ix.get(id(n), "outer") for n in t.inputs],
+             "consumers": [node_ix.get(id(n), "outer") for n in t.outputs],
+             "links": (type(t.inputs).__name__, t.inputs.field_name, type(t.outputs).__name__, t.outputs.field_name)}
+        if not first:
+            return d
+        if isinstance(t, gs.Constant):
+            v = t._values
+            d.update(data_location=t.data_location, export_dtype=t._export_dtype, values=type(v).__name__)
+            if isinstance(v, gs.ir.tensor.LazyValues):
+                d.update(proto=v.tensor.SerializeToString(), shape=list(v.shape), dtype=str(v.dtype), nbytes=v.nbytes)
+        else:
+            d.update(dtype=str(t.dtype), shape=t.shape, type=getattr(t, "type", None))
+        return d
+
+    def attr(v):
+        if isinstance(v, gs.Graph):
+            return ("graph", _describe(v))
+        if isinstance(v, gs.Tensor):
+            return ("tensor", tensor(v))
+        if isinstance(v, list):
+            return [attr(x) for x in v]
+        if isinstance(v, float) and np.isnan(v):
+            return ("nan",)
+        return (type(v).__name__, v if not hasattr(v, "SerializeToString") else v.SerializeToString())
+
+    return {
+        "graph": (graph.name, graph.doc_string, graph.opset, graph.producer_name, graph.producer_version,
+                  graph.ir_version, [(d.domain, d.version) for d in graph.import_domains or []],
+                  [(f.name, f.domain, len(f.nodes)) for f in graph.functions]),
+        "inputs": [tensor(t) for t in graph.inputs],
+        "outputs": [tensor(t) for t in graph.outputs],
+        "nodes": [(n.op, n.name, n.domain, type(n.attrs).__name__, [(k, attr(v)) for k, v in n.attrs.items()],
+                   [tensor(t) for t in n.inputs], [tensor(t) for t in n.outputs],
+                   (type(n.inputs).__name__, n.inputs.field_name, n.outputs.field_name))
+                  for n in graph.nodes],
+        "tensors": sorted(graph.tensors().keys()),
+    }
+
+
+def _assert_same(model: onnx.ModelProto) -> None:
+    expected = _describe(gs.import_onnx(model))
+    got = _describe(importer.import_onnx(model))
+    assert got == expected
+
+
+def _backend_models(sample: int | None):
+    cases = harness.load_cases()
+    if sample:
+        cases = harness.fast_sample(cases, sample)
+    for c in cases:
+        yield c.id, (c.model if c.model is not None else onnx.load(c.path))
+
+
+def test_same_as_gs_on_the_fixtures():
+    paths = sorted(FIXTURES.glob("*.onnx"))
+    assert paths
+    for p in paths:
+        _assert_same(onnx.load(p))
+
+
+def test_same_as_gs_on_subgraphs_functions_and_odd_attributes():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18, "local" : 1]>
+        g (float[N] x, bool c) => (float[N] y, float[N] z) {
+            e = local.twice(x)
+            y = If(c) <then_branch = t () => (float[N] a) { a = Add(e, e) },
+                       else_branch = f () => (float[N] b) { b = Neg(x) }>
+            k = Constant<value = float[2] {1.0, 2.0}>()
+            s = Shape<start = 0>(x)
+            z = Identity(y)
+        }
+        <domain: "local", opset_import: ["" : 18]>
+        twice(a) => (b) { b = Add(a, a) }
+    """)
+    _assert_same(model)
+    opt = onnx.helper.make_node("Optional", [], ["o"],
+                                type=onnx.helper.make_optional_type_proto(onnx.helper.make_tensor_type_proto(1, [1])))
+    model.graph.node.append(opt)  # a TYPE_PROTO attribute: gs skips it (graphopt.ir puts it back)
+    _assert_same(model)
+
+
+def test_same_as_gs_on_repeated_and_partial_value_info():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 3] x) => (float[N, 3] y) { t = Relu(x)  y = Neg(t) }
+    """)
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["N", None]))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("u", onnx.TensorProto.BFLOAT16, [2]))
+    _assert_same(model)
+
+
+def test_same_as_gs_on_a_sample_of_the_backend_models():
+    for name, model in _backend_models(150):
+        try:
+            _assert_same(model)
+        except AssertionError:
+            pytest.fail(f"{name}: graphopt.importer differs from gs.import_onnx")
+
+
+@pytest.mark.slow
+def test_same_as_gs_on_every_backend_model():
+    differ = []
+    for name, model in _backend_models(None):
+        try:
+            _assert_same(model)
+        except AssertionError:
+            differ.append(name)
+    assert differ == []
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("path", corpus_params())
+def test_same_as_gs_on_the_corpus(path, shared_dir):
+    _assert_same(onnx.load(str(path)))
+
+
+def test_unchanged_gs_attribute_order_is_kept():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[1, 1, 4, 4] x) => (float[1, 1, 2, 2] y) { y = MaxPool<strides = [2, 2], kernel_shape = [2, 2]>(x) }
+    """)
+    attrs = importer.import_onnx(model).nodes[0].attrs
+    assert isinstance(attrs, OrderedDict) and list(attrs) == ["strides", "kernel_shape"]
