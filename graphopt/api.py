@@ -162,7 +162,9 @@ def optimize(
         raise
     t_passes = time.perf_counter() - t0
     ir.toposort(graph)
-    optimized = ir.export_graph(graph, original)
+    # With nothing left to compare against, the original (graphopt's own copy, loaded from a path or
+    # bytes) becomes the output: export rewrites it in place and the unchanged weights are not copied.
+    optimized = ir.export_graph(graph, original, consume=verify == "off" and not isinstance(model, onnx.ModelProto))
     report.after = model_summary(graph, ir.approx_size(optimized))
     lossy = any(not p.exact for p in pm.passes)
 

@@ -469,10 +469,14 @@ def export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
     return out
 
 
-def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto) -> None:
+def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto, borrow: dict[int, int] | None = None) -> dict[int, int]:
     """gs's ``OnnxExporter.export_graph`` into ``g``, copying the NodeProtos of untouched nodes instead
     of exporting them again (most nodes, in a lightly optimized model; gs spends ~50 us on each), and
-    copying the weights once (make_graph + make_model copy them twice)."""
+    copying the weights once (make_graph + make_model copy them twice).
+
+    ``borrow`` maps ``id()`` of the template's initializers to their index: a weight still held as
+    that very TensorProto is not copied but written as a stand-in without data (name, type, dims);
+    the returned ``{stand-in index: template index}`` lets :func:`_transplant` put the original back."""
     g.node.extend(export_nodes(graph))
     g.name = graph.name or ""
     if graph.doc_string:
@@ -480,13 +484,29 @@ def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto) -> None:
     g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     tensors = graph.tensors()
-    g.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in tensors.values()
-                         if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues))
+    borrowed: dict[int, int] = {}
+    taken: set[int] = set()
+    for t in tensors.values():
+        if not isinstance(t, gs.Constant) or isinstance(t._values, SparseValues):
+            continue
+        proto = t._values.tensor if isinstance(t._values, LazyValues) else None
+        if borrow and proto is not None and id(proto) in borrow and borrow[id(proto)] not in taken:
+            proto.name = t.name  # as gs's exporter does: a renamed constant renames its proto
+            g.initializer.add(name=proto.name, data_type=proto.data_type, dims=proto.dims)
+            borrowed[len(g.initializer) - 1] = borrow[id(proto)]
+            taken.add(borrow[id(proto)])
+        elif proto is not None and borrow and id(proto) in borrow:  # a second Constant on the same proto
+            copy = g.initializer.add()
+            copy.CopyFrom(proto)
+            copy.name = t.name
+        else:
+            g.initializer.append(OnnxExporter.export_tensor_proto(t))
     g.sparse_initializer.extend(OnnxExporter.export_sparse_tensor_proto(t) for t in tensors.values()
                                 if isinstance(t, gs.Constant) and isinstance(t._values, SparseValues))
     io = {t.name for t in list(graph.inputs) + list(graph.outputs)}
     g.value_info.extend(OnnxExporter.export_value_info_proto(t, False) for name, t in tensors.items()
                         if name not in io and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None))
+    return borrowed
 
 
 def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
@@ -557,7 +577,7 @@ def _all_graphs(graph: gs.Graph):
                 yield from _all_graphs(a)
 
 
-def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
+def _gs_export(graph: gs.Graph, borrow: dict[int, int] | None = None) -> tuple[onnx.ModelProto, dict[int, int]]:
     """What ``gs.export_onnx`` makes (through :func:`_export_graph_proto`), with tensors of kinds gs
     cannot export (optional, map) written untyped for the moment: :func:`_restore_types` puts their
     types back from the template."""
@@ -570,12 +590,12 @@ def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
     try:
         model = onnx.ModelProto()
         model.ir_version = graph.ir_version if graph.ir_version is not None else onnx.IR_VERSION
-        _export_graph_proto(graph, model.graph)
+        borrowed = _export_graph_proto(graph, model.graph, borrow)
         model.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
         model.opset_import.extend(update_import_domains(graph))
         model.producer_name = graph.producer_name or ""
         model.producer_version = graph.producer_version or ""
-        return model
+        return model, borrowed
     finally:
         for t, dtype in hidden:
             t.dtype = dtype
@@ -678,14 +698,48 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
     g.input.extend(new)
 
 
-def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``."""
+def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None, *, consume: bool = False) -> onnx.ModelProto:
+    """A ``ModelProto`` of ``graph``, keeping the model-level fields of ``template``.
+
+    ``consume=True`` (the caller has no further use for ``template``): the result is ``template``
+    itself, rewritten in place, so that the weights no pass changed stay where they are instead of
+    being copied (for a 45 MB model that copy costs as much as writing the file)."""
     with _gc_paused():
-        return _export_model(graph, template)
+        if not consume or template is None:
+            return _export_model(graph, template)[0]
+        borrow = {id(t): i for i, t in enumerate(template.graph.initializer)}
+        model, borrowed = _export_model(graph, template, borrow)
+        return _transplant(model, template, borrowed)
 
 
-def _export_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
-    model = _gs_export(graph)
+def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, borrowed: dict[int, int]) -> onnx.ModelProto:
+    """Make ``into`` the model ``model`` is, where ``model``'s initializers at the keys of ``borrowed``
+    are data-less stand-ins for ``into``'s initializers at the values: those stay in ``into``
+    untouched; everything else of ``into`` is replaced by ``model``'s."""
+    inits = into.graph.initializer
+    keep = set(borrowed.values())
+    for i in range(len(inits) - 1, -1, -1):
+        if i not in keep:
+            del inits[i]
+    fresh = [t for i, t in enumerate(model.graph.initializer) if i not in borrowed]
+    del model.graph.initializer[:]
+    for f in into.DESCRIPTOR.fields:
+        if f.name != "graph":
+            into.ClearField(f.name)
+    for f in into.graph.DESCRIPTOR.fields:
+        if f.name != "initializer":
+            into.graph.ClearField(f.name)
+    graph = model.graph
+    model.ClearField("graph")
+    into.MergeFrom(model)
+    into.graph.MergeFrom(graph)
+    inits.extend(fresh)
+    return into
+
+
+def _export_model(graph: gs.Graph, template: onnx.ModelProto | None,
+                  borrow: dict[int, int] | None = None) -> tuple[onnx.ModelProto, dict[int, int]]:
+    model, borrowed = _gs_export(graph, borrow)
     lineage.to_proto(graph, model.graph)  # node metadata: the pass that created or changed it
     if template is not None:
         _restore_types(model, template)
@@ -715,7 +769,7 @@ def _export_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mod
             model.training_info.extend(template.training_info)
     # gs exports value_info for every intermediate it knows a dtype or shape of; a dtype without a
     # shape or vice versa is fine for onnx.
-    return model
+    return model, borrowed
 
 
 def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt
@@ -221,3 +222,73 @@ def test_uses_external_data_finds_tensor_attributes_in_subgraphs():
     t = then.node[0].attribute[0].t
     t.data_location = onnx.TensorProto.EXTERNAL
     assert ir._uses_external_data(m)
+
+
+def _canonical(m: onnx.ModelProto) -> bytes:
+    """``m`` serialized with its initializers in name order (a consuming export may reorder them)."""
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    inits = sorted(c.graph.initializer, key=lambda t: t.name)
+    kept = [onnx.TensorProto.FromString(t.SerializeToString()) for t in inits]
+    del c.graph.initializer[:]
+    c.graph.initializer.extend(kept)
+    return c.SerializeToString(deterministic=True)
+
+
+def _weights_model() -> onnx.ModelProto:
+    m = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18], producer_name: "unit-test">
+        g (float[2, 3] x) => (float[2, 3] y) {
+            a = Add(x, w1)
+            b = Mul(a, w2)
+            y = Sub(b, w3)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    for name in ("w1", "w2", "w3"):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((2, 3)).astype(np.float32), name))
+    onnx.helper.set_model_props(m, {"k": "v"})
+    return m
+
+
+def test_consuming_export_is_the_template_rewritten_without_copying_weights():
+    m = _weights_model()
+    g = ir.import_model(m)
+    w1 = next(t for t in m.graph.initializer if t.name == "w1")
+    mul = g.nodes[1]
+    mul.inputs[1] = gs.Constant("w2_new", np.ones((2, 3), np.float32))  # w2 is dropped, a new weight comes
+    g.nodes[2].inputs[1].name = "w3_renamed"
+    expected = ir.export_graph(g, _weights_model())
+    out = ir.export_graph(g, m, consume=True)
+    assert out is m
+    assert any(t is w1 for t in out.graph.initializer)  # the same proto, not a copy
+    assert sorted(t.name for t in out.graph.initializer) == ["w1", "w2_new", "w3_renamed"]
+    assert _canonical(out) == _canonical(expected)
+    onnx.checker.check_model(out, full_check=True)
+    assert {p.key: p.value for p in out.metadata_props} == {"k": "v"}
+
+
+def test_consuming_export_with_two_constants_on_one_proto_writes_both():
+    m = _weights_model()
+    g = ir.import_model(m)
+    w1 = g.nodes[0].inputs[1]
+    twin = gs.Constant("w1_twin", w1._values)  # e.g. a pass that copied a Constant: same LazyValues
+    g.nodes[1].inputs[1] = twin
+    expected = ir.export_graph(g, _weights_model())
+    out = ir.export_graph(g, m, consume=True)
+    assert sorted(t.name for t in out.graph.initializer) == ["w1", "w1_twin", "w3"]
+    assert _canonical(out) == _canonical(expected)
+
+
+def test_consuming_export_of_the_rich_model_matches_the_copying_one():
+    m = _rich_model()
+    expected = ir.export_graph(ir.import_model(m), _rich_model())
+    out = ir.export_graph(ir.import_model(m), m, consume=True)
+    assert _canonical(out) == _canonical(expected)
+
+
+def test_optimize_leaves_a_callers_model_proto_alone(tmp_path):
+    m = _weights_model()
+    before = m.SerializeToString()
+    graphopt.optimize(m, "O1", verify="off")
+    assert m.SerializeToString() == before
