@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -469,14 +470,15 @@ def export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
     return out
 
 
-def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto, borrow: dict[int, int] | None = None) -> dict[int, int]:
+def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto,
+                        borrow: dict[int, int] | None = None) -> dict[int, int | gs.Constant]:
     """gs's ``OnnxExporter.export_graph`` into ``g``, copying the NodeProtos of untouched nodes instead
     of exporting them again (most nodes, in a lightly optimized model; gs spends ~50 us on each), and
     copying the weights once (make_graph + make_model copy them twice).
 
-    ``borrow`` maps ``id()`` of the template's initializers to their index: a weight still held as
-    that very TensorProto is not copied but written as a stand-in without data (name, type, dims);
-    the returned ``{stand-in index: template index}`` lets :func:`_transplant` put the original back."""
+    With ``borrow`` (``id()`` of the template's initializers -> their index; see :func:`_transplant`)
+    no weight is written: each initializer is a stand-in without data (name, type, dims), and the
+    returned ``{stand-in index: template index, or the Constant to write}`` says what it stands for."""
     g.node.extend(export_nodes(graph))
     g.name = graph.name or ""
     if graph.doc_string:
@@ -484,29 +486,76 @@ def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto, borrow: dict[int, i
     g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     tensors = graph.tensors()
-    borrowed: dict[int, int] = {}
+    stand_ins: dict[int, int | gs.Constant] = {}
     taken: set[int] = set()
     for t in tensors.values():
         if not isinstance(t, gs.Constant) or isinstance(t._values, SparseValues):
             continue
+        if borrow is None:
+            if isinstance(t._values, LazyValues):
+                g.initializer.append(OnnxExporter.export_tensor_proto(t))
+            else:
+                _write_tensor(t, g.initializer.add())
+            continue
         proto = t._values.tensor if isinstance(t._values, LazyValues) else None
-        if borrow and proto is not None and id(proto) in borrow and borrow[id(proto)] not in taken:
+        i = borrow.get(id(proto)) if proto is not None else None
+        if i is not None and i not in taken and t._export_dtype is None:
             proto.name = t.name  # as gs's exporter does: a renamed constant renames its proto
-            g.initializer.add(name=proto.name, data_type=proto.data_type, dims=proto.dims)
-            borrowed[len(g.initializer) - 1] = borrow[id(proto)]
-            taken.add(borrow[id(proto)])
-        elif proto is not None and borrow and id(proto) in borrow:  # a second Constant on the same proto
-            copy = g.initializer.add()
-            copy.CopyFrom(proto)
-            copy.name = t.name
-        else:
-            g.initializer.append(OnnxExporter.export_tensor_proto(t))
+            stand_ins[len(g.initializer)] = i
+            taken.add(i)
+        else:  # a new weight, or a second Constant on the same proto
+            stand_ins[len(g.initializer)] = t
+        g.initializer.add(name=t.name, data_type=_onnx_dtype(t), dims=t.shape)
     g.sparse_initializer.extend(OnnxExporter.export_sparse_tensor_proto(t) for t in tensors.values()
                                 if isinstance(t, gs.Constant) and isinstance(t._values, SparseValues))
     io = {t.name for t in list(graph.inputs) + list(graph.outputs)}
     g.value_info.extend(OnnxExporter.export_value_info_proto(t, False) for name, t in tensors.items()
                         if name not in io and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None))
-    return borrowed
+    return stand_ins
+
+
+def _onnx_dtype(c: gs.Constant) -> int:
+    """The ONNX element type ``c`` is written with."""
+    if isinstance(c._values, LazyValues):
+        return c._values.tensor.data_type
+    return _dtype_to_onnx(c.export_dtype)
+
+
+def _write_tensor(c: gs.Constant, p: onnx.TensorProto) -> None:
+    """Write ``c`` into the empty ``p``: a numpy weight straight into ``raw_data`` (one copy, where
+    ``make_tensor`` + appending make three); anything else the way gs's exporter does."""
+    v = c._values
+    if (isinstance(v, np.ndarray) and c._export_dtype is None and v.dtype.kind in "biufc"
+            and v.dtype.byteorder != ">"):
+        p.name = c.name
+        p.data_type = _dtype_to_onnx(v.dtype)
+        p.dims.extend(v.shape)
+        p.raw_data = v.tobytes()
+        if c.data_location is not None:
+            p.data_location = c.data_location
+    elif isinstance(v, LazyValues):  # a copy, renamed: gs's exporter would rename the proto it shares
+        p.CopyFrom(v.tensor)
+        p.name = c.name
+    else:
+        p.CopyFrom(OnnxExporter.export_tensor_proto(c))
+
+
+_ONNX_DTYPES: dict[Any, int] = {}
+
+
+def _dtype_to_onnx(dtype: Any) -> int:
+    try:
+        return _ONNX_DTYPES[dtype]
+    except (KeyError, TypeError):
+        pass
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    code = dtype_to_onnx(dtype)
+    try:
+        _ONNX_DTYPES[dtype] = code
+    except TypeError:
+        pass
+    return code
 
 
 def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
@@ -590,12 +639,12 @@ def _gs_export(graph: gs.Graph, borrow: dict[int, int] | None = None) -> tuple[o
     try:
         model = onnx.ModelProto()
         model.ir_version = graph.ir_version if graph.ir_version is not None else onnx.IR_VERSION
-        borrowed = _export_graph_proto(graph, model.graph, borrow)
+        stand_ins = _export_graph_proto(graph, model.graph, borrow)
         model.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
         model.opset_import.extend(update_import_domains(graph))
         model.producer_name = graph.producer_name or ""
         model.producer_version = graph.producer_version or ""
-        return model, borrowed
+        return model, stand_ins
     finally:
         for t, dtype in hidden:
             t.dtype = dtype
@@ -708,20 +757,21 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None, *, co
         if not consume or template is None:
             return _export_model(graph, template)[0]
         borrow = {id(t): i for i, t in enumerate(template.graph.initializer)}
-        model, borrowed = _export_model(graph, template, borrow)
-        return _transplant(model, template, borrowed)
+        model, stand_ins = _export_model(graph, template, borrow)
+        return _transplant(model, template, stand_ins)
 
 
-def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, borrowed: dict[int, int]) -> onnx.ModelProto:
-    """Make ``into`` the model ``model`` is, where ``model``'s initializers at the keys of ``borrowed``
-    are data-less stand-ins for ``into``'s initializers at the values: those stay in ``into``
-    untouched; everything else of ``into`` is replaced by ``model``'s."""
+def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[int, int | gs.Constant]) -> onnx.ModelProto:
+    """Make ``into`` the model ``model`` is.  ``model``'s initializers at the keys of ``stand_ins`` are
+    stand-ins (:func:`_export_graph_proto`): for ``into``'s initializer at that index, which stays
+    where it is, or for a Constant, written now straight into ``into``.  Everything else of ``into``
+    is replaced by ``model``'s."""
     inits = into.graph.initializer
-    keep = set(borrowed.values())
+    keep = {v for v in stand_ins.values() if isinstance(v, int)}
     for i in range(len(inits) - 1, -1, -1):
         if i not in keep:
             del inits[i]
-    fresh = [t for i, t in enumerate(model.graph.initializer) if i not in borrowed]
+    others = [t for i, t in enumerate(model.graph.initializer) if i not in stand_ins]  # added after export
     del model.graph.initializer[:]
     for f in into.DESCRIPTOR.fields:
         if f.name != "graph":
@@ -733,13 +783,16 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, borrowed: dict[in
     model.ClearField("graph")
     into.MergeFrom(model)
     into.graph.MergeFrom(graph)
-    inits.extend(fresh)
+    for c in stand_ins.values():
+        if not isinstance(c, int):
+            _write_tensor(c, inits.add())
+    inits.extend(others)
     return into
 
 
 def _export_model(graph: gs.Graph, template: onnx.ModelProto | None,
                   borrow: dict[int, int] | None = None) -> tuple[onnx.ModelProto, dict[int, int]]:
-    model, borrowed = _gs_export(graph, borrow)
+    model, stand_ins = _gs_export(graph, borrow)
     lineage.to_proto(graph, model.graph)  # node metadata: the pass that created or changed it
     if template is not None:
         _restore_types(model, template)
@@ -769,7 +822,7 @@ def _export_model(graph: gs.Graph, template: onnx.ModelProto | None,
             model.training_info.extend(template.training_info)
     # gs exports value_info for every intermediate it knows a dtype or shape of; a dtype without a
     # shape or vice versa is fine for onnx.
-    return model, borrowed
+    return model, stand_ins
 
 
 def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:

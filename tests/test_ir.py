@@ -292,3 +292,18 @@ def test_optimize_leaves_a_callers_model_proto_alone(tmp_path):
     before = m.SerializeToString()
     graphopt.optimize(m, "O1", verify="off")
     assert m.SerializeToString() == before
+
+
+@pytest.mark.parametrize("values", [
+    np.arange(6, dtype=np.float32).reshape(2, 3), np.array(3.5, np.float16), np.array([True, False]),
+    np.arange(4, dtype=np.int64), np.zeros((0, 2), np.uint8), np.array([1 + 2j], np.complex64),
+    np.arange(12, dtype=np.float32).reshape(3, 4).T, np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+])
+def test_a_weight_is_written_as_gs_writes_it(values):
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    c = gs.Constant("w", values, data_location=onnx.TensorProto.DEFAULT)
+    p = onnx.TensorProto()
+    ir._write_tensor(c, p)
+    assert p == OnnxExporter.export_tensor_proto(c)
+    assert np.array_equal(onnx.numpy_helper.to_array(p), values)
