@@ -24,6 +24,8 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import ir
+
 # ops that act on each channel independently and keep the layout (extra inputs must be scalars)
 CHANNELWISE = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus",
@@ -462,7 +464,7 @@ def param_count(graph: gs.Graph, *, nonzero: bool = False) -> int:
     """Number of floating-point constant values (weights), or of the nonzero ones."""
     total = 0
     seen: set[int] = set()
-    for t in graph.tensors().values():
+    for t in ir.tensor_map(graph).values():
         if isinstance(t, gs.Constant) and id(t) not in seen:
             seen.add(id(t))
             if t.dtype is not None and np.dtype(t.dtype).kind == "f":

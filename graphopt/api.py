@@ -117,7 +117,7 @@ def optimize(
         ir.check_writable(output)
 
     t0 = time.perf_counter()
-    original = ir.load(model)
+    original, source = ir.load_with_source(model)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     feeds = _as_feeds_list(inputs, original)
     t_load = time.perf_counter() - t0
@@ -128,7 +128,7 @@ def optimize(
         raise InputError("--max-accuracy-drop needs --eval data with labels")
     calib = calibration_source(calibration, original) if calibration is not None else None
 
-    graph = ir.import_model(original)
+    graph = ir.import_model(original, source)
     ctx = PassContext(
         opset=ir.graph_opset(graph), calibration=calib, eval_data=evald, budget=budget,
         verify_feeds=feeds or [], rewrite_limit=rewrite_limit, input_shapes=shapes, seed=seed,

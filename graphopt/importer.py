@@ -10,8 +10,10 @@ subgraphs (If/Loop/Scan bodies) and attribute kinds other than the plain ones.
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter, get_itemsize, get_numpy_type
@@ -22,6 +24,7 @@ _A = onnx.AttributeProto
 # Attribute kinds gs imports as plain Python values (or a Constant); the others go through gs.
 _PLAIN_ATTRS = frozenset({_A.FLOAT, _A.INT, _A.STRING, _A.TENSOR, _A.FLOATS, _A.INTS, _A.STRINGS})
 _DTYPES: dict[int, object] = {}
+_LITTLE = sys.byteorder == "little"
 
 
 def _dtype(elem_type: int):
@@ -55,16 +58,43 @@ def variable(name: str, dtype=None, shape=None, type: str = "tensor_type") -> gs
     return v
 
 
-def constant(t: onnx.TensorProto) -> gs.Constant:
-    """What gs imports a TensorProto as: a Constant with lazy values (the proto is not read)."""
-    lv = LazyValues.__new__(LazyValues)
-    lv.tensor = t
-    lv.shape = t.dims
-    lv.dtype = _dtype(t.data_type)
+class SourcedValues(LazyValues):
+    """``LazyValues`` whose bytes are read from the file the model was parsed from (``raw``, a
+    read-only memoryview), not from the proto: upb copies a bytes field on every read, so gs's
+    ``load()`` makes two copies of a weight where this makes one, and :meth:`view` none."""
+
+    def view(self) -> np.ndarray:
+        """The values as a read-only array over the file's bytes (no copy)."""
+        return np.frombuffer(self.raw, dtype=self.dtype).reshape(tuple(self.shape))
+
+    def load(self) -> np.ndarray:
+        return self.view().copy()
+
+
+# Element types whose raw_data numpy reads as is (onnx's to_array special-cases the others: bfloat16,
+# float8, int4, strings...).
+_VIEWABLE = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                            np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_,
+                                            np.complex64, np.complex128))
+
+
+def constant(t: onnx.TensorProto, raw: memoryview | None = None) -> gs.Constant:
+    """What gs imports a TensorProto as: a Constant with lazy values (the proto is not read).  ``raw``:
+    the tensor's raw_data in the file's bytes, when known (see :class:`SourcedValues`)."""
+    dtype = _dtype(t.data_type)
     n = 1
     for x in t.dims:
         n *= x
-    lv.nbytes = n * get_itemsize(lv.dtype)
+    nbytes = n * get_itemsize(dtype)
+    if raw is not None and len(raw) == nbytes and _LITTLE and np.dtype(dtype) in _VIEWABLE:
+        lv = SourcedValues.__new__(SourcedValues)
+        lv.raw = raw
+    else:
+        lv = LazyValues.__new__(LazyValues)
+    lv.tensor = t
+    lv.shape = t.dims
+    lv.dtype = dtype
+    lv.nbytes = nbytes
     c = gs.Constant.__new__(gs.Constant)
     d = c.__dict__
     d["name"] = t.name
@@ -115,17 +145,18 @@ def _attributes(node: onnx.NodeProto) -> OrderedDict | None:
     return out
 
 
-def import_onnx(model: onnx.ModelProto) -> gs.Graph:
-    """The ``gs.Graph`` that ``gs.import_onnx(model)`` returns, built faster."""
+def import_onnx(model: onnx.ModelProto, source=None) -> gs.Graph:
+    """The ``gs.Graph`` that ``gs.import_onnx(model)`` returns, built faster.  ``source`` (a
+    :class:`graphopt.ir.Source` of ``model``) lets weights be read without copying them."""
     g = model.graph
     opset = OnnxImporter.get_opset(model)
     domains = OnnxImporter.get_import_domains(model)
     functions = [OnnxImporter.import_function(f, model_opset=opset, model_import_domains=domains)
                  for f in model.functions]
     tensors: OrderedDict[str, gs.Tensor] = OrderedDict()
-    for t in g.initializer:
+    for i, t in enumerate(g.initializer):
         if t.name not in tensors:
-            tensors[t.name] = constant(t)
+            tensors[t.name] = constant(t, source.raw(i) if source is not None else None)
     for st in g.sparse_initializer:
         if st.values.name not in tensors:
             tensors[st.values.name] = OnnxImporter.import_tensor(st)

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -38,11 +39,35 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 
 
+@dataclass
+class Source:
+    """The bytes a model was parsed from, and where the ``raw_data`` of each top-level initializer lies
+    in them (``(start, end)``, or None): weights read from here cost no copy (upb copies a bytes field
+    on every read, and on this machine a fresh 20 MB buffer costs ~15 ms in page faults alone)."""
+
+    data: bytes
+    spans: list[tuple[int, int] | None]
+
+    def raw(self, i: int) -> memoryview | None:
+        """The raw bytes of initializer ``i`` (read-only, no copy), if the file holds them."""
+        span = self.spans[i] if i < len(self.spans) else None
+        return None if span is None else memoryview(self.data)[span[0]:span[1]]
+
+
+SOURCE_LIMIT = 2**30  # keep the file's bytes in memory beside the model only up to this size
+
+
 def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ``ModelProto`` (returned as is), with its external data.
 
     Raises :class:`InputError` with a one-line message for anything that is not a usable ONNX model.
     """
+    return load_with_source(src, check=check)[0]
+
+
+def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelProto, Source | None]:
+    """:func:`load`, and the :class:`Source` of the model when it was parsed here from a file or bytes
+    (None for a ``ModelProto``, a model over :data:`SOURCE_LIMIT`, or one whose wire format is odd)."""
     data = None
     if isinstance(src, onnx.ModelProto):
         model = src
@@ -80,9 +105,14 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
                 raise InputError(f"{path}: external data unreadable: {e}") from None
     else:
         raise InputError(f"cannot load a model from {type(src).__name__}")
+    source = None
+    if data is not None and len(data) <= SOURCE_LIMIT:
+        spans = _raw_spans(data)
+        if spans is not None and len(spans) == len(model.graph.initializer):
+            source = Source(data, spans)
     if check:
-        check_model(model, str(src) if base_dir else "model", data=data)
-    return model
+        check_model(model, str(src) if base_dir else "model", data=data, source=source)
+    return model, source
 
 
 def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
@@ -129,7 +159,8 @@ def _graph_uses_external_data(g: onnx.GraphProto) -> bool:
     return False
 
 
-def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None = None) -> None:
+def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None = None,
+                source: Source | None = None) -> None:
     """onnx.checker plus the structural checks the checker does not do (cycles, duplicate names).
 
     The checker runs on :func:`light_model` (weights left out: serializing 20 MB of weights for the
@@ -139,7 +170,7 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
     """
     check_structure(model.graph, what)  # first: its messages are more specific than the checker's
     try:
-        _check_weights(model, what, data)
+        _check_weights(model, what, data, source)
         light = light_model(model)
         if approx_size(light) < _SIZE_LIMIT:
             onnx.checker.check_model(light)
@@ -209,7 +240,7 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.Mode
     return m
 
 
-def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None) -> None:
+def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None, source: Source | None = None) -> None:
     """The checks onnx.checker makes on the weights :func:`light_model` leaves out.
 
     ``data``: the bytes ``model`` was parsed from; their wire format gives each weight's byte count
@@ -217,7 +248,8 @@ def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None)
     model's worth of memory traffic)."""
     g = model.graph
     listed = {vi.name for vi in g.input} if model.ir_version < 4 else None
-    lengths = _raw_lengths(data) if data is not None else None
+    spans = source.spans if source is not None else (_raw_spans(data) if data is not None else None)
+    lengths = None if spans is None else [-1 if sp is None else sp[1] - sp[0] for sp in spans]
     if lengths is not None and len(lengths) != len(g.initializer):
         lengths = None
     for i, t in enumerate(g.initializer):
@@ -264,21 +296,22 @@ def _fields(buf: memoryview, start: int, end: int):
         i = j
 
 
-def _raw_lengths(data: bytes) -> list[int] | None:
-    """Byte count of raw_data (-1 if absent) of each top-level initializer, in order, read off the
-    serialized ModelProto (graph = field 7, GraphProto.initializer = 5, TensorProto.raw_data = 9)."""
+def _raw_spans(data: bytes) -> list[tuple[int, int] | None] | None:
+    """Where the raw_data (None if absent) of each top-level initializer lies in ``data``, in order, read
+    off the serialized ModelProto (graph = field 7, GraphProto.initializer = 5, TensorProto.raw_data = 9;
+    the last occurrence of a field wins, as in a parse)."""
     try:
         buf = memoryview(data)
-        out: list[int] = []
+        out: list[tuple[int, int] | None] = []
         for f, wt, a, b in _fields(buf, 0, len(buf)):
             if f == 7 and wt == 2:
                 for gf, gwt, ga, gb in _fields(buf, a, b):
                     if gf == 5 and gwt == 2:
-                        n = -1
+                        span = None
                         for tf, twt, ta, tb in _fields(buf, ga, gb):
                             if tf == 9 and twt == 2:
-                                n = tb - ta
-                        out.append(n)
+                                span = (ta, tb)
+                        out.append(span)
         return out
     except (ValueError, IndexError):
         return None
@@ -384,11 +417,12 @@ def _gc_paused():
             gc.enable()
 
 
-def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``."""
+def import_model(model: onnx.ModelProto, source: Source | None = None) -> gs.Graph:
+    """The IR of ``model``. Weights stay lazy until a pass reads ``Constant.values``; with ``source``
+    (from :func:`load_with_source`) they are read from the file's bytes (:func:`const_view`)."""
     with _gc_paused():
         try:
-            graph = importer.import_onnx(model)
+            graph = importer.import_onnx(model, source)
         except Exception as e:  # gs raises plain exceptions on odd models
             raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
         _import_what_gs_skips(model.graph, graph, model.ir_version)
@@ -443,6 +477,35 @@ def _node_key(n: gs.Node) -> tuple:
             [_attr_key(k, v) for k, v in n.attrs.items()] if n.attrs else None)
 
 
+def const_view(c: gs.Constant) -> np.ndarray:
+    """The values of ``c`` for reading only: for a weight still in the file's bytes, a read-only array
+    over them (no copy, and ``c`` stays lazy); otherwise ``c.values``.  Never write into the result."""
+    v = c._values
+    if type(v) is importer.SourcedValues:
+        return v.view()
+    return np.asarray(c.values)
+
+
+def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """``graph.tensors()`` (every named tensor of the graph's inputs, nodes and outputs, in that
+    order, by name), without gs's per-tensor overhead: it runs after every pass on every tensor."""
+    m: dict[str, gs.Tensor] = {}
+    for t in graph.inputs:
+        if t.name:
+            m[t.name] = t
+    for n in graph.nodes:
+        for t in n.inputs:
+            if t.name:
+                m[t.name] = t
+        for t in n.outputs:
+            if t.name:
+                m[t.name] = t
+    for t in graph.outputs:
+        if t.name:
+            m[t.name] = t
+    return m
+
+
 def pristine_source(graph: gs.Graph) -> onnx.ModelProto | None:
     """The model ``graph`` was imported from, as long as nothing changed the graph since."""
     return graph.__dict__.get(_PRISTINE)
@@ -485,7 +548,7 @@ def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto,
         g.doc_string = graph.doc_string
     g.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     g.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     stand_ins: dict[int, int | gs.Constant] = {}
     taken: set[int] = set()
     for t in tensors.values():
@@ -586,7 +649,7 @@ def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: i
     listed = [vi for vi in proto.input if vi.name in inits]
     if not listed:
         return
-    have = graph.tensors()
+    have = tensor_map(graph)
     if ir_version >= 4:
         # An initializer that is also a graph input is an overridable default: the caller may feed it.
         # It must stay an input that passes see as such (not folded, not fused into a neighbour), so it
@@ -632,7 +695,7 @@ def _gs_export(graph: gs.Graph, borrow: dict[int, int] | None = None) -> tuple[o
     types back from the template."""
     hidden = []
     for g in _all_graphs(graph):
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE:
                 hidden.append((t, t.dtype))
                 t.dtype = None
@@ -837,14 +900,17 @@ def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:
 
 def is_topologically_sorted(graph: gs.Graph) -> bool:
     """True when every node comes after the producers of what it (and its subgraphs) reads."""
-    mine = {id(n) for n in graph.nodes}
-    done: set[int] = set()
-    for node in graph.nodes:
-        for t in list(node.inputs) + _subgraph_uses(node):
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    Graph = gs.Graph
+    for i, node in enumerate(graph.nodes):
+        ins = node.inputs
+        if node.attrs and any(type(a) is Graph for a in node.attrs.values()):
+            ins = list(ins) + _subgraph_uses(node)
+        for t in ins:
             for p in t.inputs:
-                if id(p) in mine and id(p) not in done:
+                j = pos.get(id(p))
+                if j is not None and j >= i:
                     return False
-        done.add(id(node))
     return True
 
 

@@ -37,16 +37,18 @@ def _attr_key(v: Any) -> Any:
     return id(v)  # tensors, arrays, subgraphs: identity (a pass that replaces them makes a new object)
 
 
+_Constant = gs.Constant
+
+
 def _signature(n: gs.Node) -> tuple:
-    ins = n.inputs
+    """What a pass can change of ``n``; compared with ``==`` only (the lists need no hashing)."""
     return (
         n.op,
         n.domain,
-        tuple(map(id, ins)),
         # a Constant whose values were replaced in place (t.values = ...) counts as a change of its users
-        tuple(id(t._values) for t in ins if type(t) is gs.Constant),
-        tuple(map(id, n.outputs)),
-        tuple((k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in n.attrs.items()) if n.attrs else (),
+        [(id(t), id(t._values)) if type(t) is _Constant else id(t) for t in n.inputs],
+        [id(t) for t in n.outputs],
+        [(k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in n.attrs.items()] if n.attrs else None,
     )
 
 

@@ -9,6 +9,8 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import ir
+
 
 def consumers(t: gs.Tensor) -> list[gs.Node]:
     """Nodes that read ``t`` (gs keeps this list up to date)."""
@@ -91,7 +93,7 @@ def bypass(node: gs.Node, graph: gs.Graph, keep: int = 0) -> bool:
 
 def derived_name(graph: gs.Graph, base: str, suffix: str) -> str:
     """A new tensor/node name derived from an old one, unique in ``graph``."""
-    taken = graph.tensors().keys() | {n.name for n in graph.nodes}
+    taken = ir.tensor_map(graph).keys() | {n.name for n in graph.nodes}
     name = f"{base}_{suffix}"
     i = 1
     while name in taken:

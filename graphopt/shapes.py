@@ -12,6 +12,17 @@ import onnx_graphsurgeon as gs
 from . import ir
 
 
+_NP_DTYPES: dict[int, np.dtype] = {}
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    try:
+        return _NP_DTYPES[elem_type]
+    except KeyError:
+        _NP_DTYPES[elem_type] = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        return _NP_DTYPES[elem_type]
+
+
 def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
     """What shape inference needs, without copying weights: nodes, signature, known value_info, small
     or integer initializers with their values, large ones as typed inputs (shape only)."""
@@ -38,7 +49,7 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
     for t in graph.outputs:
         g.output.append(OnnxExporter.export_value_info_proto(t, False))
         io.add(t.name)
-    for name, t in graph.tensors().items():
+    for name, t in ir.tensor_map(graph).items():
         if name in io:
             continue
         if isinstance(t, gs.Constant):
@@ -134,19 +145,21 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
         return 0
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     n = 0
-    tensors = graph.tensors()
+    tensors = ir.tensor_map(graph)
     io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    Variable = gs.Variable
     for name, vi in infos.items():
         t = tensors.get(name)
-        if not isinstance(t, gs.Variable) or not vi.type.HasField("tensor_type") or id(t) in io:
+        if type(t) is not Variable or id(t) in io or vi.type.WhichOneof("value") != "tensor_type":
             continue  # the model's declared signature is not inference's to change
         tt = vi.type.tensor_type
-        if tt.elem_type and t.dtype is None:
-            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        attrs = t.__dict__  # (gs's Tensor.__setattr__ costs a Python call per attribute)
+        if tt.elem_type and attrs["dtype"] is None:
+            attrs["dtype"] = _np_dtype(tt.elem_type)
         if tt.HasField("shape"):
             shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-            if t.shape != shape:
-                t.shape = shape
+            if attrs["shape"] != shape:
+                attrs["shape"] = shape
                 n += 1
     if ctx is not None:
         ctx.cache["shapes_inferred"] = graph

@@ -43,7 +43,10 @@ class PassRunner:
 
     def run(self, model: onnx.ModelProto, name: str, input_shapes=None, **options) -> Outcome:
         p = get_pass(name)(**options)
-        graph = ir.import_model(model)
+        # as graphopt reads a file: weights are read-only views of the file's bytes until a pass
+        # asks for Constant.values (a pass that writes into const_view's arrays fails here)
+        model, source = ir.load_with_source(model.SerializeToString(), check=False)
+        graph = ir.import_model(model, source)
         ctx = PassContext(opset=ir.graph_opset(graph), input_shapes=input_shapes)
         ctx.model_template = model
         r = p.run(graph, ctx)

@@ -183,10 +183,11 @@ def ensure_shapes(graph: gs.Graph, ctx) -> None:
             light = ir.light_model(src, value_info=False)  # the graph as imported, without exporting it
         io = {id(t) for g in all_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
         for g in all_graphs(graph):
-            for t in g.tensors().values():
-                if isinstance(t, gs.Variable) and id(t) not in io:
-                    t.shape = None
-                    t.dtype = None
+            for t in ir.tensor_map(g).values():
+                if type(t) is gs.Variable and id(t) not in io:
+                    d = t.__dict__  # (gs's Tensor.__setattr__ costs a Python call per attribute)
+                    d["shape"] = None
+                    d["dtype"] = None
     saved = [(t, t.dtype, None if t.shape is None else list(t.shape)) for t in list(graph.inputs) + list(graph.outputs)
              if isinstance(t, gs.Variable)]  # (IR 3 models list initializers, gs.Constant, as inputs)
     try:

@@ -157,3 +157,38 @@ def test_unchanged_gs_attribute_order_is_kept():
     """)
     attrs = importer.import_onnx(model).nodes[0].attrs
     assert isinstance(attrs, OrderedDict) and list(attrs) == ["strides", "kernel_shape"]
+
+
+def _assert_sourced_values_match(path: Path) -> int:
+    from graphopt import ir
+
+    model, source = ir.load_with_source(path, check=False)
+    graph = importer.import_onnx(model, source)
+    n = 0
+    for t in ir.tensor_map(graph).values():
+        v = getattr(t, "_values", None)
+        if not isinstance(v, importer.SourcedValues):
+            continue
+        expected = gs.ir.tensor.LazyValues(v.tensor).load()
+        got = v.load()
+        assert got.dtype == expected.dtype and got.shape == expected.shape and got.flags.writeable
+        assert got.tobytes() == expected.tobytes()
+        assert not v.view().flags.writeable
+        n += 1
+    return n
+
+
+def test_weights_read_from_the_file_equal_gs_reading_the_proto():
+    assert sum(_assert_sourced_values_match(p) for p in sorted(FIXTURES.glob("*.onnx"))) > 0
+
+
+@pytest.mark.slow
+def test_weights_read_from_the_file_on_every_backend_model_on_disk():
+    cases = [c for c in harness.load_cases(harness.DISK_KINDS + ("light",)) if c.path]
+    assert sum(_assert_sourced_values_match(Path(c.path)) for c in cases) > 0
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("path", corpus_params())
+def test_weights_read_from_the_file_on_the_corpus(path, shared_dir):
+    assert _assert_sourced_values_match(path) > 0

@@ -165,11 +165,24 @@ def test_checker_light_model_keeps_ir3_rule():
     graphopt.load(_short_weight(64 * 64 * 4, ir_version=3, listed=True))
 
 
-def test_raw_lengths_read_off_the_wire(fixtures_dir):
+def test_raw_spans_read_off_the_wire(fixtures_dir):
     m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
-    lengths = ir._raw_lengths(m.SerializeToString())
-    assert lengths == [len(t.raw_data) if t.HasField("raw_data") else -1 for t in m.graph.initializer]
-    assert ir._raw_lengths(b"\xff\xff") is None  # malformed: the caller falls back to reading the field
+    data = m.SerializeToString()
+    spans = ir._raw_spans(data)
+    assert [None if sp is None else data[sp[0]:sp[1]] for sp in spans] == \
+        [t.raw_data if t.HasField("raw_data") else None for t in m.graph.initializer]
+    assert ir._raw_spans(b"\xff\xff") is None  # malformed: the caller falls back to reading the field
+
+
+def test_the_source_of_a_loaded_model_holds_its_weights(fixtures_dir):
+    path = fixtures_dir / "tiny_cnn.onnx"
+    model, source = ir.load_with_source(path)
+    assert source is not None and source.data == path.read_bytes()
+    for i, t in enumerate(model.graph.initializer):
+        raw = source.raw(i)
+        assert (raw is None) == (not t.HasField("raw_data"))
+        assert raw is None or bytes(raw) == t.raw_data
+    assert ir.load_with_source(model)[1] is None  # a ModelProto: nothing was parsed here
 
 
 def test_light_model_leaves_out_only_large_float_weights(fixtures_dir):

@@ -61,6 +61,9 @@ def _sample(t: gs.Constant) -> bytes:
 def _sample_uncached(t: gs.Constant) -> bytes:
     """A cheap fingerprint (a few hundred bytes from both ends) that does not decode lazy weights."""
     v = t._values
+    raw = getattr(v, "raw", None)  # the weight's bytes in the file (no copy)
+    if raw is not None:
+        return bytes(raw[:256]) + bytes(raw[-256:])
     proto = getattr(v, "tensor", None)
     if proto is not None and proto.HasField("raw_data"):
         raw = proto.raw_data
@@ -156,13 +159,13 @@ class CommonSubexpressionElimination(Pass):
                 continue
             by_digest: dict[bytes, gs.Constant] = {}
             for t in ts:
-                a = np.asarray(t.values)
+                a = ir.const_view(t)
                 d = _digest(a)
                 keep = by_digest.get(d)
                 if keep is None:
                     by_digest[d] = t
                     continue
-                if not np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(np.asarray(keep.values)).view(np.uint8)):
+                if not np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(ir.const_view(keep)).view(np.uint8)):
                     continue
                 if not ctx.allow_rewrite(f"merge initializer {t.name} into {keep.name}"):
                     self._stop = True

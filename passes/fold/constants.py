@@ -194,7 +194,10 @@ class FoldConstants(Pass):
             return False
         for t, v in zip(node.outputs, values):
             if t.name:
-                t.to_constant(C.contiguous(v))
+                v = C.contiguous(v)
+                # a kernel may hand back (a view of) a read-only input (Reshape, Squeeze...): a
+                # constant's values must be its own to edit
+                t.to_constant(v if v.flags.writeable else v.copy())
         node.outputs.clear()
         node.inputs.clear()
         return True
@@ -227,7 +230,7 @@ class FoldConstants(Pass):
                 self._skipped.append(f"{node.name or node.op}: input '{t.name}' has a type folding does not handle")
                 return
             else:
-                ins.append(np.asarray(t.values))
+                ins.append(ir.const_view(t))  # read-only; kernels never write into their inputs
         limit = self.options.size_limit
         if node.op in GENERATORS:
             nbytes = _generator_bytes(node, ins)

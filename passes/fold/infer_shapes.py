@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt import Pass, PassContext, PassResult, ir, register_pass
 
 from .. import _common as C
 
 
 def _snapshot(graph: gs.Graph) -> list[tuple]:
     return [(id(t), str(t.dtype), None if t.shape is None else tuple(t.shape))
-            for g in C.all_graphs(graph) for t in g.tensors().values() if isinstance(t, gs.Variable)]
+            for g in C.all_graphs(graph) for t in ir.tensor_map(g).values() if isinstance(t, gs.Variable)]
 
 
 @register_pass

@@ -42,7 +42,7 @@ from typing import Literal, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import Pass, PassContext, PassResult, register_pass
+from graphopt import Pass, PassContext, PassResult, ir, register_pass
 from graphopt.analysis import ChannelGroup, Member, channel_groups, flops, param_count
 from graphopt.rewrite import weight_used_only_by
 from graphopt.shapes import infer_shapes
@@ -302,7 +302,7 @@ class PruneChannels(Pass):
         bytes (sizes from the inferred shapes; symbolic dims count as the batch size)."""
         first = next(iter(ctx.calibration_batches()), None)
         batch = max((int(v.shape[0]) for v in (first or {}).values() if getattr(v, "ndim", 0)), default=1)
-        tensors = graph.tensors()
+        tensors = ir.tensor_map(graph)
         chunks: list[list[str]] = [[]]
         used = 0
         for n in names:
@@ -763,7 +763,7 @@ def _trial(p: PruneChannels, graph: gs.Graph, ctx: PassContext, g: ChannelGroup,
 def _refresh_shapes(graph: gs.Graph, ctx) -> None:
     """Shapes changed along the pruned channels: drop the stale ones and infer again."""
     outs = {id(t) for t in graph.outputs} | {id(t) for t in graph.inputs}
-    for t in graph.tensors().values():
+    for t in ir.tensor_map(graph).values():
         if isinstance(t, gs.Variable) and id(t) not in outs:
             t.shape = None
     if ctx is not None:

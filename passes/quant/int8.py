@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import Pass, PassContext, PassResult, register_pass, rewrite
+from graphopt import Pass, PassContext, PassResult, ir, register_pass, rewrite
 from graphopt.shapes import infer_shapes
 
 from .qdq import Plan, QuantParams, apply_plan, derive_layout, fold_conv_bn, output_after_act
@@ -100,7 +100,7 @@ class QuantizeInt8(Pass):
             changed = True
             stats["bn_folded"] = folded
         self._name_nodes(graph)
-        annotated = {name for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and (t.shape is not None or t.dtype is not None)}
+        annotated = {name for name, t in ir.tensor_map(graph).items() if isinstance(t, gs.Variable) and (t.shape is not None or t.dtype is not None)}
         infer_shapes(graph, ctx)
 
         cands, why = self._candidates(graph, ctx)
@@ -163,7 +163,7 @@ class QuantizeInt8(Pass):
                          "(AVX2 without VNNI), which the unfused reference run would not show")
         # the shapes inferred for planning are not written out (value_info would cost ~1% of the file)
         io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
-        for name, t in graph.tensors().items():
+        for name, t in ir.tensor_map(graph).items():
             if isinstance(t, gs.Variable) and id(t) not in io and name not in annotated:
                 t.shape, t.dtype = None, None
         form = "QOperator" if o.format == "qop" else "QDQ"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import rewrite
+from graphopt import ir, rewrite
 
 # int8-capable ops: output keeps the input's quantization parameters (onnxruntime drops the Q/DQ)
 DROP_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
@@ -301,7 +301,7 @@ def apply_plan(graph: gs.Graph, plan: Plan, qp: QuantParams) -> dict[str, int]:
     """Rewrite ``graph`` (float, BN folded) in place into its quantized form; returns counts."""
     stats = {"static": 0, "dynamic": 0, "embed": 0, "int8_neighbours": 0, "qdq_pairs": 0, "bias_corrected": 0}
     layout = derive_layout(graph, plan.static)
-    tensors = graph.tensors()
+    tensors = ir.tensor_map(graph)
 
     def params(tname: str):
         lo, hi = qp.ranges.get(layout.qt[tname], (0.0, 0.0))

@@ -274,3 +274,31 @@ g (float[N,3] x) => (int64[2] y) {
         assert "Shape" in out.ops
     out = passes.run(m, "fold-constants")
     passes.check(m, out.model, [{"x": np.zeros((n, 3), np.float32)} for n in (1, 4)])
+
+
+def test_weights_read_from_the_file_fold_into_constants_of_their_own():
+    from graphopt import ir
+    from graphopt.importer import SourcedValues
+    from graphopt.pass_base import PassContext, get_pass
+
+    m = onnx.parser.parse_model(HEAD + """
+        g (float[2, 6] x) => (float[2, 6] y, float[6, 2] z) {
+            shp = Constant<value = int64[2] {2, 6}>()
+            r = Reshape(w, shp)
+            y = Add(x, r)
+            t = Transpose(w)
+            z = Identity(t)
+        }""")
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w"))
+    model, source = ir.load_with_source(m.SerializeToString())
+    graph = ir.import_model(model, source)
+    w = ir.tensor_map(graph)["w"]
+    assert isinstance(w._values, SourcedValues)
+    get_pass("fold-constants")().run(graph, PassContext(opset=17))
+    consts = {t.name: t for t in ir.tensor_map(graph).values() if isinstance(t, gs.Constant)}
+    assert {"r", "t"} <= set(consts)
+    for name in ("r", "t"):
+        v = consts[name].values
+        assert v.flags.writeable and not np.shares_memory(v, ir.const_view(w))
+    np.testing.assert_array_equal(consts["r"].values, np.arange(12, dtype=np.float32).reshape(2, 6))
+    assert isinstance(w._values, SourcedValues)  # reading the weight did not load it
