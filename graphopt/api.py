@@ -164,7 +164,11 @@ def optimize(
     ir.toposort(graph)
     # With nothing left to compare against, the original (graphopt's own copy, loaded from a path or
     # bytes) becomes the output: export rewrites it in place and the unchanged weights are not copied.
-    optimized = ir.export_graph(graph, original, consume=verify == "off" and not isinstance(model, onnx.ModelProto))
+    raw = None
+    if verify == "off" and not isinstance(model, onnx.ModelProto):
+        optimized, raw = ir.export_for_save(graph, original, source)
+    else:
+        optimized = ir.export_graph(graph, original)
     report.after = model_summary(graph, ir.approx_size(optimized))
     lossy = any(not p.exact for p in pm.passes)
 
@@ -218,7 +222,8 @@ def optimize(
     t0 = time.perf_counter()
     out_path = None
     if output is not None:
-        out_path = ir.save(optimized, output, external_data=external_data, protect=[src_path] if src_path else None)
+        out_path = ir.save(optimized, output, external_data=external_data, protect=[src_path] if src_path else None,
+                           raw=raw)
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}

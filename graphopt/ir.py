@@ -584,23 +584,27 @@ def _onnx_dtype(c: gs.Constant) -> int:
     return _dtype_to_onnx(c.export_dtype)
 
 
-def _write_tensor(c: gs.Constant, p: onnx.TensorProto) -> None:
+def _write_tensor(c: gs.Constant, p: onnx.TensorProto) -> memoryview | None:
     """Write ``c`` into the empty ``p``: a numpy weight straight into ``raw_data`` (one copy, where
-    ``make_tensor`` + appending make three); anything else the way gs's exporter does."""
+    ``make_tensor`` + appending make three); anything else the way gs's exporter does.  Returns the
+    bytes written as ``raw_data`` when they come from an array (a view of it, for :func:`save`)."""
     v = c._values
     if (isinstance(v, np.ndarray) and c._export_dtype is None and v.dtype.kind in "biufc"
             and v.dtype.byteorder != ">"):
+        a = v if v.flags.c_contiguous else v.copy(order="C")
         p.name = c.name
         p.data_type = _dtype_to_onnx(v.dtype)
         p.dims.extend(v.shape)
-        p.raw_data = v.tobytes()
+        p.raw_data = a.tobytes()
         if c.data_location is not None:
             p.data_location = c.data_location
+        return memoryview(a.reshape(-1).view(np.uint8))
     elif isinstance(v, LazyValues):  # a copy, renamed: gs's exporter would rename the proto it shares
         p.CopyFrom(v.tensor)
         p.name = c.name
     else:
         p.CopyFrom(OnnxExporter.export_tensor_proto(c))
+    return None
 
 
 _ONNX_DTYPES: dict[Any, int] = {}
@@ -816,24 +820,35 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None, *, co
     ``consume=True`` (the caller has no further use for ``template``): the result is ``template``
     itself, rewritten in place, so that the weights no pass changed stay where they are instead of
     being copied (for a 45 MB model that copy costs as much as writing the file)."""
-    with _gc_paused():
-        if not consume or template is None:
+    if not consume or template is None:
+        with _gc_paused():
             return _export_model(graph, template)[0]
+    return export_for_save(graph, template)[0]
+
+
+def export_for_save(graph: gs.Graph, template: onnx.ModelProto,
+                    source: Source | None = None) -> tuple[onnx.ModelProto, list[memoryview | None]]:
+    """``export_graph(graph, template, consume=True)``, and for each initializer of the result, its
+    ``raw_data`` bytes where they are at hand without a copy (``source``: the template's
+    :class:`Source`; new weights: their arrays), else None: :func:`save` writes from those."""
+    with _gc_paused():
         borrow = {id(t): i for i, t in enumerate(template.graph.initializer)}
         model, stand_ins = _export_model(graph, template, borrow)
-        return _transplant(model, template, stand_ins)
+        return _transplant(model, template, stand_ins, source)
 
 
-def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[int, int | gs.Constant]) -> onnx.ModelProto:
+def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[int, int | gs.Constant],
+                source: Source | None = None) -> tuple[onnx.ModelProto, list[memoryview | None]]:
     """Make ``into`` the model ``model`` is.  ``model``'s initializers at the keys of ``stand_ins`` are
     stand-ins (:func:`_export_graph_proto`): for ``into``'s initializer at that index, which stays
     where it is, or for a Constant, written now straight into ``into``.  Everything else of ``into``
-    is replaced by ``model``'s."""
+    is replaced by ``model``'s.  Also returns the raw bytes views of :func:`export_for_save`."""
     inits = into.graph.initializer
     keep = {v for v in stand_ins.values() if isinstance(v, int)}
     for i in range(len(inits) - 1, -1, -1):
         if i not in keep:
             del inits[i]
+    views: list[memoryview | None] = [source.raw(i) if source is not None else None for i in sorted(keep)]
     others = [t for i, t in enumerate(model.graph.initializer) if i not in stand_ins]  # added after export
     del model.graph.initializer[:]
     for f in into.DESCRIPTOR.fields:
@@ -848,9 +863,10 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[i
     into.graph.MergeFrom(graph)
     for c in stand_ins.values():
         if not isinstance(c, int):
-            _write_tensor(c, inits.add())
+            views.append(_write_tensor(c, inits.add()))
     inits.extend(others)
-    return into
+    views += [None] * len(others)
+    return into, views
 
 
 def _export_model(graph: gs.Graph, template: onnx.ModelProto | None,
@@ -948,11 +964,14 @@ def approx_size(model: onnx.ModelProto) -> int:
     return total
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None, protect: list[str | os.PathLike] | None = None) -> Path:
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+         protect: list[str | os.PathLike] | None = None, raw: list[memoryview | None] | None = None) -> Path:
     """Write ``model`` atomically (temporary file in the same folder, then rename).
 
     ``external_data=None`` picks external data only when the model would reach 2 GB.  ``protect`` lists
-    paths that must not be overwritten (the input model).
+    paths that must not be overwritten (the input model).  ``raw`` (from :func:`export_for_save`): the
+    ``raw_data`` bytes of each initializer where they are at hand; those go to the file from there
+    instead of through ``SerializeToString`` (which builds the whole file in memory first).
     """
     path = Path(path)
     for p in protect or ():
@@ -965,7 +984,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
     big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
     if not big:
-        _write_atomically(model.SerializeToString(), path)
+        _write_atomically(_serialized(model, raw) if raw is not None else [model.SerializeToString()], path)
         return path
     folder = check_writable(path)
     try:
@@ -986,9 +1005,77 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     return path
 
 
-def _write_atomically(data: bytes, path: Path) -> None:
-    """``data`` into ``path`` through a hidden temporary file beside it and a rename: a reader sees
-    the old file or the new one, never half of one.  The file gets the usual mode (0666 less umask)."""
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_TENSOR_FIELDS = [f for f in onnx.TensorProto.DESCRIPTOR.fields if f.name != "raw_data"]
+
+
+def _repeated(f) -> bool:
+    is_repeated = getattr(f, "is_repeated", None)  # protobuf >= 5.28; label is gone from 7
+    return is_repeated if is_repeated is not None else f.label == f.LABEL_REPEATED
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every set field of message ``src`` but ``skip`` into the empty ``dst`` (no bytes field read)."""
+    for f, v in src.ListFields():
+        if f.name == skip:
+            continue
+        if _repeated(f):
+            getattr(dst, f.name).extend(v)
+        elif f.message_type is not None:
+            getattr(dst, f.name).CopyFrom(v)
+        else:
+            setattr(dst, f.name, v)
+
+
+def _serialized(model: onnx.ModelProto, raw: list[memoryview | None]) -> list[bytes | memoryview]:
+    """``model`` in the protobuf wire format, as pieces to write one after the other, with the
+    ``raw_data`` of initializer ``i`` taken from ``raw[i]`` where given (no copy of it is made).
+
+    The pieces: the model without its graph; then the graph field, which is the graph without its
+    initializers followed by each initializer (field 5), each tensor being its fields but
+    ``raw_data`` followed by ``raw_data`` (field 9).  Fields in another order than
+    ``SerializeToString`` writes them parse to the same message (protobuf's rule), and the file
+    has the same size.  A view whose length the tensor's type and dims do not call for is not used.
+    """
+    g = model.graph
+    rest = onnx.ModelProto()
+    _copy_fields(model, rest, "graph")
+    head = onnx.GraphProto()
+    _copy_fields(g, head, "initializer")
+    pieces: list[bytes | memoryview] = [head.SerializeToString()]
+    for i, t in enumerate(g.initializer):
+        view = raw[i] if i < len(raw) else None
+        if view is None or not t.HasField("raw_data") or _nbytes(t) != len(view):
+            body = t.SerializeToString()
+            pieces += [b"\x2a", _encode_varint(len(body)), body]
+            continue
+        fields = onnx.TensorProto()
+        for f in _TENSOR_FIELDS:
+            if _repeated(f):
+                v = getattr(t, f.name)
+                if len(v):
+                    getattr(fields, f.name).extend(v)
+            elif t.HasField(f.name):
+                setattr(fields, f.name, getattr(t, f.name))
+        front = fields.SerializeToString()
+        n = _encode_varint(len(view))
+        pieces += [b"\x2a", _encode_varint(len(front) + 1 + len(n) + len(view)), front, b"\x4a", n, view]
+    size = sum(len(p) for p in pieces)
+    return [rest.SerializeToString(), b"\x3a", _encode_varint(size)] + pieces
+
+
+def _write_atomically(data: list[bytes | memoryview], path: Path) -> None:
+    """``data`` (pieces, written in order) into ``path`` through a hidden temporary file beside it and
+    a rename: a reader sees the old file or the new one, never half of one.  The file gets the usual
+    mode (0666 less umask)."""
     folder = _output_folder(path)
     tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
@@ -997,7 +1084,8 @@ def _write_atomically(data: bytes, path: Path) -> None:
         raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in data:
+                f.write(piece)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

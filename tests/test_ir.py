@@ -320,3 +320,32 @@ def test_a_weight_is_written_as_gs_writes_it(values):
     ir._write_tensor(c, p)
     assert p == OnnxExporter.export_tensor_proto(c)
     assert np.array_equal(onnx.numpy_helper.to_array(p), values)
+
+
+def test_save_writes_weights_from_their_views_and_parses_to_the_same_model(tmp_path, fixtures_dir):
+    src = fixtures_dir / "tiny_cnn.onnx"
+    model, source = ir.load_with_source(src)
+    graph = ir.import_model(model, source)
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    w = conv.inputs[1]
+    conv.inputs[1] = gs.Constant(w.name + "_new", np.ascontiguousarray(ir.const_view(w)[:, :, ::-1, :]))
+    out, raw = ir.export_for_save(graph, model, source)
+    assert sum(v is not None for v in raw) >= 2  # a weight from the file, and the new one from its array
+    path = ir.save(out, tmp_path / "out.onnx", raw=raw)
+    data = path.read_bytes()
+    assert len(data) == out.ByteSize()
+    assert onnx.load_from_string(data) == out
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
+def test_save_ignores_a_view_that_does_not_fit_its_tensor(tmp_path):
+    m = _weights_model()
+    raw = [memoryview(b"\x00" * 4)] + [None] * (len(m.graph.initializer) - 1)  # 4 bytes for a 2x3 float
+    path = ir.save(m, tmp_path / "out.onnx", raw=raw)
+    assert onnx.load(path) == m
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**14, 2**21 + 5, 2**28 + 1, 2**35])
+def test_varints_encode_as_protobuf_does(n):
+    t = onnx.TensorProto(dims=[n])
+    assert ir._encode_varint(n) == t.SerializeToString()[1:]

@@ -23,7 +23,7 @@ For each case and a graphopt pipeline, :func:`run_case`:
 
 Statuses: ``pass`` (a pass changed the model and it still reproduces), ``unchanged`` (no pass changed
 anything and the exported model reproduces), ``failed`` (``crash:``, ``invalid:``, ``wrong:``,
-``nodes:``, ``fidelity:``, ``timeout:``, with the first error line) and ``skipped``.
+``nodes:``, ``fidelity:``, ``written:``, ``timeout:``, with the first error line) and ``skipped``.
 
 :func:`run_suite` runs cases in worker processes (fork) with a per-case timeout; a worker that dies
 (a segfault in a runtime) costs only its current case, which is reported as a crash.
@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -488,9 +489,15 @@ def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult
             res.reason = f"onnxruntime does not reproduce the original: {msg}"
             return
     # (b) graphopt
+    # An on-disk case is optimized the way the command line does it: from the file, into a file, and
+    # the file written is what gets checked and run (it must parse to the model returned).
+    out_dir = tempfile.TemporaryDirectory() if case.path else contextlib.nullcontext(None)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            result = graphopt.api.optimize(case.path if case.path else model, pipeline, verify=verify, plugins=plugins)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), out_dir as d:
+            out_file = os.path.join(d, "optimized.onnx") if d else None
+            result = graphopt.api.optimize(case.path if case.path else model, pipeline, verify=verify, plugins=plugins,
+                                           output=out_file)
+            written = onnx.load(out_file) if out_file else None
     except graphopt.errors.VerificationError as e:
         # graphopt's own check (generated inputs) refused a result: wrong, or a false alarm
         res.status, res.reason = "failed", f"verify: {_first_line(e)}"
@@ -499,6 +506,11 @@ def _run_case(case: Case, pipeline: str, plugins: Sequence[str], res: CaseResult
         res.status, res.reason = "failed", f"crash: {type(e).__name__}: {_first_line(e)}"
         return
     opt = result.model
+    if written is not None:
+        if written != opt:
+            res.status, res.reason = "failed", "written: the file written does not parse to the model returned"
+            return
+        opt = written
     if result.verification is not None:
         v = result.verification
         res.verification = v.status + (f": {v.reason}" if v.reason else "")
