@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions, so scripts (for example right afte
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -70,6 +71,18 @@ def _as_feeds_list(inputs: Any, model: onnx.ModelProto) -> list[Feeds] | None:
     return [dict(f) for f in inputs]
 
 
+def _gc_deferred(fn):
+    """Run ``fn`` under :func:`graphopt.ir.deferred_gc`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ir.deferred_gc():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_gc_deferred
 def optimize(
     model: ir.ModelLike,
     passes: str | Pipeline | None = "O2",

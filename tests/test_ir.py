@@ -349,3 +349,47 @@ def test_save_ignores_a_view_that_does_not_fit_its_tensor(tmp_path):
 def test_varints_encode_as_protobuf_does(n):
     t = onnx.TensorProto(dims=[n])
     assert ir._encode_varint(n) == t.SerializeToString()[1:]
+
+
+@pytest.mark.parametrize("tensor", [
+    gs.Variable("a", np.float32, [2, "N", None]), gs.Variable("b", np.int64, []), gs.Variable("c", np.float16, None),
+    gs.Variable("d", None, None), gs.Variable("e", None, [3]), gs.Variable("f", np.float32, [1], type="sequence_type"),
+    gs.Constant("g", np.zeros((2, 3), np.float32)), gs.Variable("h", onnx.TensorProto.BFLOAT16, [4]),
+    gs.Variable("i", np.bool_, [np.int64(2)]),
+])
+def test_value_info_is_written_as_gs_writes_it(tensor):
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    vi = onnx.ValueInfoProto()
+    try:
+        expected = OnnxExporter.export_value_info_proto(tensor, False)
+    except Exception as e:  # what gs cannot write, graphopt cannot either, with the same error
+        with pytest.raises(type(e)):
+            ir.value_info_into(tensor, vi)
+        return
+    ir.value_info_into(tensor, vi)
+    assert vi == expected and vi.SerializeToString() == expected.SerializeToString()
+
+
+def test_deferred_gc_restores_the_collector_and_leaves_a_users_freeze_alone():
+    import gc
+
+    assert gc.isenabled()
+    with ir.deferred_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        with ir.deferred_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with ir.deferred_gc():
+            [[] for _ in range(100)]
+        assert gc.get_freeze_count() == frozen  # the user's frozen objects stay frozen
+    finally:
+        gc.unfreeze()
