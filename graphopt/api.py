@@ -161,7 +161,8 @@ def optimize(
     pm = PassManager(pipeline, ins)
     report = pm.report
     report.input = str(src_path) if src_path else type(model).__name__
-    size_before = ir.approx_size(original)  # (the file's size leaves out external data)
+    # the file's size when the model came whole from one (external data is not in the file)
+    size_before = len(source.data) if source is not None and source.whole else ir.approx_size(original)
     report.before = model_summary(graph, size_before)
     t0 = time.perf_counter()
     try:

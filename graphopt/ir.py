@@ -47,6 +47,7 @@ class Source:
 
     data: bytes
     spans: list[tuple[int, int] | None]
+    whole: bool = True  # the file holds every weight (no external data)
 
     def raw(self, i: int) -> memoryview | None:
         """The raw bytes of initializer ``i`` (read-only, no copy), if the file holds them."""
@@ -69,6 +70,7 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
     """:func:`load`, and the :class:`Source` of the model when it was parsed here from a file or bytes
     (None for a ``ModelProto``, a model over :data:`SOURCE_LIMIT`, or one whose wire format is odd)."""
     data = None
+    external = False
     if isinstance(src, onnx.ModelProto):
         model = src
         base_dir = None
@@ -90,7 +92,8 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
             raise InputError(f"{path}: empty file")
         model = _parse_bytes(data, str(path))
         base_dir = path.parent
-        if _uses_external_data(model):
+        external = uses_external_data(model)
+        if external:
             for t in onnx.external_data_helper._get_all_tensors(model):
                 if t.data_location == onnx.TensorProto.EXTERNAL:
                     loc = next((e.value for e in t.external_data if e.key == "location"), "")
@@ -109,7 +112,7 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
     if data is not None and len(data) <= SOURCE_LIMIT:
         spans = _raw_spans(data)
         if spans is not None and len(spans) == len(model.graph.initializer):
-            source = Source(data, spans)
+            source = Source(data, spans, whole=not external)
     if check:
         check_model(model, str(src) if base_dir else "model", data=data, source=source)
     return model, source
@@ -126,7 +129,7 @@ def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
     return model
 
 
-def _uses_external_data(model: onnx.ModelProto) -> bool:
+def uses_external_data(model: onnx.ModelProto) -> bool:
     """True if a tensor of ``model`` (initializer, or tensor attribute at any depth) lives in a file."""
     return _graph_uses_external_data(model.graph)
 
@@ -172,8 +175,10 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
     try:
         _check_weights(model, what, data, source)
         light = light_model(model)
-        if approx_size(light) < _SIZE_LIMIT:
+        if light.ByteSize() < _SIZE_LIMIT:
             onnx.checker.check_model(light)
+            del light.graph.value_info[:]
+            _light_kept[:] = [model, light]  # for the first shape inference (light_model, value_info=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
@@ -210,12 +215,22 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return n
 
 
+# [model, its light model without value_info] as check_model left it: the next light_model(model,
+# value_info=False) takes it instead of building it again (once; the caller may change it).
+_light_kept: list = []
+
+
 def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.ModelProto:
     """``model`` without its heavy weights: each becomes a graph input of the same type and shape (IR
     4 and later let an input stand for a weight; for IR 3 every initializer is an input anyway).
     Nodes, signature, value_info (unless ``value_info=False``), small initializers and subgraphs are
     copied as they are.  What the checker and shape inference see is the same model, at a fraction of
     the bytes."""
+    kept = _light_kept[:]
+    if kept:
+        _light_kept.clear()
+        if kept[0] is model and not value_info:
+            return kept[1]
     g = model.graph
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -1028,9 +1043,13 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-    big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
+    pieces = _serialized(model, raw) if raw is not None and external_data is not True else None
+    if pieces is not None and external_data is None:
+        big = sum(len(p) for p in pieces) >= _SIZE_LIMIT
+    else:
+        big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
     if not big:
-        _write_atomically(_serialized(model, raw) if raw is not None else [model.SerializeToString()], path)
+        _write_atomically(pieces if pieces is not None else [model.SerializeToString()], path)
         return path
     folder = check_writable(path)
     try:

@@ -14,6 +14,7 @@ gives an equal pipeline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -336,13 +337,20 @@ def _convert(value: str, tp: Any, pass_name: str, key: str) -> Any:
     return v
 
 
-def parse_options(cls: type[Pass], raw: dict[str, str]) -> dict[str, Any]:
-    """Turn ``{"size-limit": "1MiB"}`` into ``{"size_limit": 1048576}`` by the Options field types."""
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+@functools.lru_cache(maxsize=None)
+def _option_fields(options: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """The fields of an Options dataclass and their resolved types (typing.get_type_hints is slow)."""
+    fields = {f.name: f for f in dataclasses.fields(options)}
     try:
-        hints = typing.get_type_hints(cls.Options)
+        hints = typing.get_type_hints(options)
     except Exception:
         hints = {n: f.type for n, f in fields.items()}
+    return fields, hints
+
+
+def parse_options(cls: type[Pass], raw: dict[str, str]) -> dict[str, Any]:
+    """Turn ``{"size-limit": "1MiB"}`` into ``{"size_limit": 1048576}`` by the Options field types."""
+    fields, hints = _option_fields(cls.Options)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         attr = key.replace("-", "_")

@@ -227,14 +227,14 @@ def test_export_copies_untouched_nodes_and_reexports_changed_ones():
 
 def test_uses_external_data_finds_tensor_attributes_in_subgraphs():
     m = _rich_model()
-    assert not ir._uses_external_data(m)
+    assert not ir.uses_external_data(m)
     then = next(a for a in m.graph.node[1].attribute if a.name == "then_branch").g
     c = onnx.helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones(4, np.float32), "k"))
     then.node.insert(0, c)
-    assert not ir._uses_external_data(m)
+    assert not ir.uses_external_data(m)
     t = then.node[0].attribute[0].t
     t.data_location = onnx.TensorProto.EXTERNAL
-    assert ir._uses_external_data(m)
+    assert ir.uses_external_data(m)
 
 
 def _canonical(m: onnx.ModelProto) -> bytes:
@@ -393,3 +393,22 @@ def test_deferred_gc_restores_the_collector_and_leaves_a_users_freeze_alone():
         assert gc.get_freeze_count() == frozen  # the user's frozen objects stay frozen
     finally:
         gc.unfreeze()
+
+
+def test_the_light_model_of_the_check_serves_the_first_shape_inference_once(fixtures_dir):
+    model = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    other = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    fresh = ir.light_model(model, value_info=False)
+    ir.check_model(model)
+    assert ir.light_model(other, value_info=False) == fresh  # another model: built, and the kept one dropped
+    assert ir._light_kept == []
+    ir.check_model(model)
+    kept = ir.light_model(model, value_info=False)
+    assert kept == fresh and not kept.graph.value_info
+    assert ir.light_model(model, value_info=False) is not kept  # once only
+
+
+def test_the_report_gives_the_input_files_size(fixtures_dir):
+    path = fixtures_dir / "tiny_cnn.onnx"
+    res = graphopt.optimize(path, "O1", verify="off")
+    assert res.report.before["model_bytes"] == path.stat().st_size
