@@ -42,6 +42,7 @@ NEVER_FOLD = {
 GENERATORS = {"ConstantOfShape", "Range", "Expand", "Tile"}
 _FOLDABLE_DTYPES = K._NUMERIC
 _SHAPE_OPS = {"Shape", "Size"}
+_CLEANUP_SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Expand", "Slice", "Cast"}  # eliminate-noops checks these
 
 
 def _is_const(t) -> bool:
@@ -151,13 +152,23 @@ class FoldConstants(Pass):
         self._stop = False
         ir.toposort(graph)
         self._all_outputs = {id(t) for g in C.all_graphs(graph) for t in g.outputs}
-        if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx):
+        if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx) or self._shapes_cheap_and_likely(graph):
             C.ensure_shapes(graph, ctx)
         self._fold(graph, int(graph.opset))
         changed = stats["folded"] + stats["shape_folded"] + stats["constant_nodes"] > 0
         if changed:
             C.drop_detached(graph)
         return PassResult(changed, {k: v for k, v in stats.items()}, skipped)
+
+    @staticmethod
+    def _shapes_cheap_and_likely(graph: gs.Graph) -> bool:
+        """Shapes are cheapest now, while the graph is still the model it was imported from (inferred
+        on that model, with no export); infer them now if a later cleanup pass will likely ask (a
+        Reshape/Flatten/Squeeze/Expand/Slice/Cast to check for a no-op) and this pass may change the
+        graph first."""
+        if C.shapes_derived(graph) or ir.pristine_source(graph) is None:
+            return False
+        return any(n.op in _CLEANUP_SHAPE_OPS for n in graph.nodes)
 
     @staticmethod
     def _needs_shapes(graph: gs.Graph) -> bool:
