@@ -14,19 +14,22 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 
-def all_nodes(graph: gs.Graph):
-    """Every node, subgraph bodies included."""
+def all_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Every node, subgraph bodies included (a list: it runs after every pass, and a generator
+    costs a resumption per node)."""
+    out: list[gs.Node] = []
     for n in graph.nodes:
-        yield n
+        out.append(n)
         if not n.attrs:
             continue
         for a in n.attrs.values():
             if isinstance(a, gs.Graph):
-                yield from all_nodes(a)
+                out.extend(all_nodes(a))
             elif isinstance(a, (list, tuple)) and a and isinstance(a[0], gs.Graph):  # (a list holds one kind)
                 for g in a:
                     if isinstance(g, gs.Graph):
-                        yield from all_nodes(g)
+                        out.extend(all_nodes(g))
+    return out
 
 
 def op_histogram(graph: gs.Graph) -> Counter:

@@ -6,6 +6,7 @@ honours ``--input-shape`` and never touches the model's declared inputs and outp
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -245,7 +246,7 @@ def small_const(t: gs.Tensor | None, max_elems: int = 4096) -> np.ndarray | None
         return None
     if isinstance(t, gs.Constant):
         try:
-            n = int(np.prod(t.shape))
+            n = math.prod(t.shape)
         except Exception:
             return None
         if n > max_elems:

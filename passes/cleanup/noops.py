@@ -12,6 +12,7 @@ no-op whose output is a graph output is removed only when its producer can write
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,7 +312,7 @@ def _needs_shapes(node: gs.Node, derived: bool) -> bool:
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         neutral = 0 if op in ("Add", "Sub") else 1
         for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-            if isinstance(c, gs.Constant) and int(np.prod(c.shape)) <= 16 and \
+            if isinstance(c, gs.Constant) and math.prod(c.shape) <= 16 and \
                     (not derived or C.shape_of(x) is None or C.np_dtype(x) is None):
                 if bool(np.all(np.asarray(c.values) == neutral)):
                     return True

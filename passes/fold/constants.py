@@ -22,6 +22,7 @@ the reason in the report.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,7 +293,7 @@ class FoldConstants(Pass):
         if p is not None:
             return p
         if isinstance(t, gs.Constant) and _plain_constant(t) and np.dtype(t.dtype).kind in "iub" \
-                and int(np.prod(t.shape)) <= 64:
+                and math.prod(t.shape) <= 64:
             v = np.asarray(t.values)
             return Partial(v, np.ones(v.shape, dtype=bool))
         return None
