@@ -251,7 +251,14 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.Mode
         if not _is_heavy(t):
             lg.initializer.append(t)
         elif t.name not in listed:
-            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            vi = lg.input.add()  # (what make_tensor_value_info makes, without its intermediate copies)
+            vi.name = t.name
+            tt = vi.type.tensor_type
+            tt.elem_type = t.data_type
+            sp = tt.shape
+            sp.SetInParent()
+            for d in t.dims:
+                sp.dim.add().dim_value = d
     return m
 
 

@@ -148,6 +148,7 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
     tensors = ir.tensor_map(graph)
     io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
     Variable = gs.Variable
+    decoded: dict[bytes, list] = {}
     for name, vi in infos.items():
         t = tensors.get(name)
         if type(t) is not Variable or id(t) in io or vi.type.WhichOneof("value") != "tensor_type":
@@ -157,9 +158,13 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
         if tt.elem_type and attrs["dtype"] is None:
             attrs["dtype"] = _np_dtype(tt.elem_type)
         if tt.HasField("shape"):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-            if attrs["shape"] != shape:
-                attrs["shape"] = shape
+            sp = tt.shape
+            key = sp.SerializeToString()  # many tensors share a shape: decode each shape once
+            dims = decoded.get(key)
+            if dims is None:
+                dims = decoded[key] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in sp.dim]
+            if attrs["shape"] != dims:
+                attrs["shape"] = list(dims)
                 n += 1
     if ctx is not None:
         ctx.cache["shapes_inferred"] = graph

@@ -108,6 +108,19 @@ def _attr_key(v) -> object:
     return ("repr", type(v).__name__, repr(v))
 
 
+_UNKEYED = object()  # a node's attribute key not computed yet
+
+
+def _attrs_key(n: gs.Node) -> tuple | None:
+    """A hashable key of ``n``'s attributes, equal for equal attributes; None if there is none."""
+    try:
+        key = tuple(sorted((k, _attr_key(v)) for k, v in n.attrs.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 @register_pass
 class CommonSubexpressionElimination(Pass):
     name = "cse"
@@ -181,20 +194,32 @@ class CommonSubexpressionElimination(Pass):
     # ----------------------------------------------------------------------------------------------
     def _nodes(self, g: gs.Graph, all_io: set[int], ctx: PassContext, stats: dict, skipped: list[str]) -> bool:
         ir.toposort(g, recurse=False)
-        table: dict[tuple, gs.Node] = {}
+        # Two levels: duplicates read the very same inputs, so nodes are bucketed by op and input
+        # identities first, and attributes (the costly part of the key) are compared only within a
+        # bucket of two or more (rare).
+        table: dict[tuple, list[tuple[object, gs.Node]]] = {}
         changed = False
         for n in list(g.nodes):
             if n.op in NONDETERMINISTIC or C.subgraphs_of(n) or not n.outputs:
                 continue
-            try:
-                key = (n.op, n.domain or "", len(n.outputs), tuple(id(t) if not C.is_omitted(t) else None for t in n.inputs),
-                       tuple(sorted((k, _attr_key(v)) for k, v in n.attrs.items())))
-                hash(key)
-            except TypeError:
+            cheap = (n.op, n.domain or "", len(n.outputs), tuple(id(t) if not C.is_omitted(t) else None for t in n.inputs))
+            bucket = table.get(cheap)
+            if bucket is None:
+                table[cheap] = [(_UNKEYED, n)]
                 continue
-            first = table.get(key)
+            key = _attrs_key(n)
+            if key is None:
+                continue
+            first = None
+            for i, (k, other) in enumerate(bucket):
+                if k is _UNKEYED:
+                    k = _attrs_key(other)
+                    bucket[i] = (k, other)
+                if k is not None and k == key:
+                    first = other
+                    break
             if first is None:
-                table[key] = n
+                bucket.append((key, n))
                 continue
             if any(id(o) in all_io for o in n.outputs):
                 skipped.append(f"{n.name or n.op}: duplicates {first.name or first.op} but produces a graph output; kept")
