@@ -224,6 +224,18 @@ def to_identity(node: gs.Node, src: gs.Tensor) -> None:
         node.outputs.remove(o)
 
 
+def toposort(graph: gs.Graph, ctx, *, recurse: bool = True) -> None:
+    """:func:`graphopt.ir.toposort`, skipped for a graph found sorted since the last change (the
+    context's cache is cleared whenever a pass changes the graph).  The check walks every edge, and
+    every -O1 pass would make it."""
+    seen = ctx.cache.setdefault("toposorted", {}) if ctx is not None else {}
+    if id(graph) in seen and seen[id(graph)] is graph:
+        return
+    ir.toposort(graph, recurse=recurse)
+    for g in (all_graphs(graph) if recurse else (graph,)):
+        seen[id(g)] = g
+
+
 def drop_detached(graph: gs.Graph) -> None:
     """Remove nodes a pass detached (no inputs and no outputs left), in every scope.
 

@@ -193,7 +193,7 @@ class CommonSubexpressionElimination(Pass):
 
     # ----------------------------------------------------------------------------------------------
     def _nodes(self, g: gs.Graph, all_io: set[int], ctx: PassContext, stats: dict, skipped: list[str]) -> bool:
-        ir.toposort(g, recurse=False)
+        C.toposort(g, ctx, recurse=False)  # (merging initializers above keeps the order)
         # Two levels: duplicates read the very same inputs, so nodes are bucketed by op and input
         # identities first, and attributes (the costly part of the key) are compared only within a
         # bucket of two or more (rare).

@@ -151,7 +151,7 @@ class FoldConstants(Pass):
         self._skipped = skipped
         self._partial: dict[int, Partial] = {}
         self._stop = False
-        ir.toposort(graph)
+        C.toposort(graph, ctx)
         self._all_outputs = {id(t) for g in C.all_graphs(graph) for t in g.outputs}
         if self._needs_shapes(graph) or C.input_shapes_pending(graph, ctx) or self._shapes_cheap_and_likely(graph):
             C.ensure_shapes(graph, ctx)
