@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,10 +38,19 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
 class OptimizeResult:
     """What :func:`optimize` returns: the model, the report and the verification."""
 
-    model: onnx.ModelProto
+    _model: onnx.ModelProto
     report: Report
     verification: Verification | None = None
     output: Path | None = None
+    _unwritten: ir.Unwritten | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The optimized model (new weights go into it when it is first asked for: a run that only
+        writes a file never copies them into protos)."""
+        if self._unwritten:
+            self._unwritten.complete()
+        return self._model
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         return ir.save(self.model, path, external_data=external_data)
@@ -178,12 +187,15 @@ def optimize(
     ir.toposort(graph)
     # With nothing left to compare against, the original (graphopt's own copy, loaded from a path or
     # bytes) becomes the output: export rewrites it in place and the unchanged weights are not copied.
-    raw = None
+    raw = unwritten = None
     if verify == "off" and not isinstance(model, onnx.ModelProto):
-        optimized, raw = ir.export_for_save(graph, original, source)
+        optimized, raw, unwritten = ir.export_for_save(graph, original, source, defer=True)
     else:
         optimized = ir.export_graph(graph, original)
-    report.after = model_summary(graph, ir.approx_size(optimized))
+    size_after = ir.approx_size(optimized)
+    if unwritten:
+        size_after += sum(a.nbytes for _, a in unwritten.tensors)  # (their protos hold no bytes yet)
+    report.after = model_summary(graph, size_after)
     lossy = any(not p.exact for p in pm.passes)
 
     verification = None
@@ -237,13 +249,13 @@ def optimize(
     out_path = None
     if output is not None:
         out_path = ir.save(optimized, output, external_data=external_data, protect=[src_path] if src_path else None,
-                           raw=raw)
+                           raw=raw, unwritten=unwritten)
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}
     if isinstance(tracer, trust.VerifyEachInstrument):  # included in "passes"
         report.seconds["verify_each"] = tracer.seconds
-    return OptimizeResult(optimized, report, verification, out_path)
+    return OptimizeResult(optimized, report, verification, out_path, unwritten)
 
 
 def verify(

@@ -652,10 +652,12 @@ def _onnx_dtype(c: gs.Constant) -> int:
     return _dtype_to_onnx(c.export_dtype)
 
 
-def _write_tensor(c: gs.Constant, p: onnx.TensorProto) -> memoryview | None:
+def _write_tensor(c: gs.Constant, p: onnx.TensorProto, unwritten: Unwritten | None = None,
+                  index: int = -1) -> memoryview | None:
     """Write ``c`` into the empty ``p``: a numpy weight straight into ``raw_data`` (one copy, where
-    ``make_tensor`` + appending make three); anything else the way gs's exporter does.  Returns the
-    bytes written as ``raw_data`` when they come from an array (a view of it, for :func:`save`)."""
+    ``make_tensor`` + appending make three), or with ``unwritten``, everything but its bytes (``p`` is
+    initializer ``index`` of the graph, 1-based); anything else the way gs's exporter does.  Returns
+    the bytes of ``raw_data`` when they come from an array (a view of it, for :func:`save`)."""
     v = c._values
     if (isinstance(v, np.ndarray) and c._export_dtype is None and v.dtype.kind in "biufc"
             and v.dtype.byteorder != ">"):
@@ -663,7 +665,11 @@ def _write_tensor(c: gs.Constant, p: onnx.TensorProto) -> memoryview | None:
         p.name = c.name
         p.data_type = _dtype_to_onnx(v.dtype)
         p.dims.extend(v.shape)
-        p.raw_data = a.tobytes()
+        if unwritten is not None:
+            unwritten.tensors.append((p, a))
+            unwritten.indices.add(index - 1)
+        else:
+            p.raw_data = a.tobytes()
         if c.data_location is not None:
             p.data_location = c.data_location
         return memoryview(a.reshape(-1).view(np.uint8))
@@ -894,19 +900,43 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto | None = None, *, co
     return export_for_save(graph, template)[0]
 
 
-def export_for_save(graph: gs.Graph, template: onnx.ModelProto,
-                    source: Source | None = None) -> tuple[onnx.ModelProto, list[memoryview | None]]:
+class Unwritten:
+    """New weights of an exported model whose bytes are not in their TensorProto yet (name, type and
+    dims are): :func:`save` writes them to the file from their arrays, and :meth:`complete` puts
+    them in the protos, once, when the model itself is wanted.  Copying a weight into a proto costs
+    two copies (``tobytes``, then into upb's arena), which a run that only writes a file never needs."""
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[onnx.TensorProto, np.ndarray]] = []
+        self.indices: set[int] = set()  # their positions in graph.initializer
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+    def complete(self) -> None:
+        for p, a in self.tensors:
+            p.raw_data = a.tobytes()
+        self.tensors.clear()
+        self.indices.clear()
+
+
+def export_for_save(graph: gs.Graph, template: onnx.ModelProto, source: Source | None = None,
+                    *, defer: bool = False) -> tuple[onnx.ModelProto, list[memoryview | None], Unwritten]:
     """``export_graph(graph, template, consume=True)``, and for each initializer of the result, its
     ``raw_data`` bytes where they are at hand without a copy (``source``: the template's
-    :class:`Source`; new weights: their arrays), else None: :func:`save` writes from those."""
+    :class:`Source`; new weights: their arrays), else None: :func:`save` writes from those.
+    ``defer=True``: new weights are left :class:`Unwritten` in the model until ``complete()``."""
     with _gc_paused():
         borrow = {id(t): i for i, t in enumerate(template.graph.initializer)}
         model, stand_ins = _export_model(graph, template, borrow)
-        return _transplant(model, template, stand_ins, source)
+        unwritten = Unwritten()
+        model, views = _transplant(model, template, stand_ins, source, unwritten if defer else None)
+        return model, views, unwritten
 
 
 def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[int, int | gs.Constant],
-                source: Source | None = None) -> tuple[onnx.ModelProto, list[memoryview | None]]:
+                source: Source | None = None,
+                unwritten: Unwritten | None = None) -> tuple[onnx.ModelProto, list[memoryview | None]]:
     """Make ``into`` the model ``model`` is.  ``model``'s initializers at the keys of ``stand_ins`` are
     stand-ins (:func:`_export_graph_proto`): for ``into``'s initializer at that index, which stays
     where it is, or for a Constant, written now straight into ``into``.  Everything else of ``into``
@@ -931,7 +961,7 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[i
     into.graph.MergeFrom(graph)
     for c in stand_ins.values():
         if not isinstance(c, int):
-            views.append(_write_tensor(c, inits.add()))
+            views.append(_write_tensor(c, inits.add(), unwritten, len(inits)))
     inits.extend(others)
     views += [None] * len(others)
     return into, views
@@ -1033,13 +1063,16 @@ def approx_size(model: onnx.ModelProto) -> int:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
-         protect: list[str | os.PathLike] | None = None, raw: list[memoryview | None] | None = None) -> Path:
+         protect: list[str | os.PathLike] | None = None, raw: list[memoryview | None] | None = None,
+         unwritten: Unwritten | None = None) -> Path:
     """Write ``model`` atomically (temporary file in the same folder, then rename).
 
     ``external_data=None`` picks external data only when the model would reach 2 GB.  ``protect`` lists
     paths that must not be overwritten (the input model).  ``raw`` (from :func:`export_for_save`): the
     ``raw_data`` bytes of each initializer where they are at hand; those go to the file from there
     instead of through ``SerializeToString`` (which builds the whole file in memory first).
+    ``unwritten`` (from :func:`export_for_save`): the new weights not in their protos yet; written
+    from their arrays, or completed first where the model is written another way.
     """
     path = Path(path)
     for p in protect or ():
@@ -1050,11 +1083,15 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-    pieces = _serialized(model, raw) if raw is not None and external_data is not True else None
+    pieces = _serialized(model, raw, unwritten) if raw is not None and external_data is not True else None
     if pieces is not None and external_data is None:
         big = sum(len(p) for p in pieces) >= _SIZE_LIMIT
     else:
+        if unwritten:
+            unwritten.complete()
         big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
+    if big and unwritten:
+        unwritten.complete()
     if not big:
         _write_atomically(pieces if pieces is not None else [model.SerializeToString()], path)
         return path
@@ -1107,7 +1144,8 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, f.name, v)
 
 
-def _serialized(model: onnx.ModelProto, raw: list[memoryview | None]) -> list[bytes | memoryview]:
+def _serialized(model: onnx.ModelProto, raw: list[memoryview | None],
+                unwritten: Unwritten | None = None) -> list[bytes | memoryview]:
     """``model`` in the protobuf wire format, as pieces to write one after the other, with the
     ``raw_data`` of initializer ``i`` taken from ``raw[i]`` where given (no copy of it is made).
 
@@ -1125,7 +1163,11 @@ def _serialized(model: onnx.ModelProto, raw: list[memoryview | None]) -> list[by
     pieces: list[bytes | memoryview] = [head.SerializeToString()]
     for i, t in enumerate(g.initializer):
         view = raw[i] if i < len(raw) else None
-        if view is None or not t.HasField("raw_data") or _nbytes(t) != len(view):
+        from_view = view is not None and _nbytes(t) == len(view) and (
+            t.HasField("raw_data") or (unwritten is not None and i in unwritten.indices))
+        if not from_view:
+            if unwritten is not None and i in unwritten.indices:
+                unwritten.complete()  # (a stand-in without its view: cannot be; never write one empty)
             body = t.SerializeToString()
             pieces += [b"\x2a", _encode_varint(len(body)), body]
             continue

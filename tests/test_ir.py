@@ -329,13 +329,54 @@ def test_save_writes_weights_from_their_views_and_parses_to_the_same_model(tmp_p
     conv = next(n for n in graph.nodes if n.op == "Conv")
     w = conv.inputs[1]
     conv.inputs[1] = gs.Constant(w.name + "_new", np.ascontiguousarray(ir.const_view(w)[:, :, ::-1, :]))
-    out, raw = ir.export_for_save(graph, model, source)
+    out, raw, unwritten = ir.export_for_save(graph, model, source)
     assert sum(v is not None for v in raw) >= 2  # a weight from the file, and the new one from its array
+    assert not unwritten
     path = ir.save(out, tmp_path / "out.onnx", raw=raw)
     data = path.read_bytes()
     assert len(data) == out.ByteSize()
     assert onnx.load_from_string(data) == out
     onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
+@pytest.mark.parametrize("external", [None, True])
+def test_a_new_weight_left_out_of_its_proto_is_written_from_its_array(tmp_path, fixtures_dir, external):
+    src = fixtures_dir / "tiny_cnn.onnx"
+
+    def exported(defer):
+        model, source = ir.load_with_source(src)
+        graph = ir.import_model(model, source)
+        conv = next(n for n in graph.nodes if n.op == "Conv")
+        conv.inputs[1] = gs.Constant("w_new", np.ascontiguousarray(ir.const_view(conv.inputs[1])[::-1]))
+        return ir.export_for_save(graph, model, source, defer=defer)
+
+    expected = exported(False)[0]
+    out, raw, unwritten = exported(True)
+    assert unwritten and not next(t for t in out.graph.initializer if t.name == "w_new").HasField("raw_data")
+    path = ir.save(out, tmp_path / "out.onnx", raw=raw, unwritten=unwritten, external_data=external)
+    written = onnx.load(path)
+    if external:  # (external data leaves data_location set on reload: compare the weights)
+        weights = {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in written.graph.initializer}
+        assert weights == {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in expected.graph.initializer}
+    else:
+        assert written == expected  # the file holds the weight
+    unwritten.complete()
+    assert out == expected and not unwritten
+
+
+def test_the_model_of_a_run_that_wrote_a_file_is_complete(tmp_path, fixtures_dir):
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 64] x) => (float[2, 32] y) { wt = Transpose(w)  y = MatMul(x, wt) }""")
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(64 * 32, dtype=np.float32).reshape(32, 64), "w"))
+    path = tmp_path / "in.onnx"
+    onnx.save(m, path)
+    res = graphopt.optimize(path, "O1", verify="off", output=tmp_path / "out.onnx")
+    written = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in written.graph.node] == ["MatMul"]
+    assert res.model == written
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(written.graph.initializer[0]),
+                                  np.arange(64 * 32, dtype=np.float32).reshape(32, 64).T)
 
 
 def test_save_ignores_a_view_that_does_not_fit_its_tensor(tmp_path):
