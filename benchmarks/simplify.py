@@ -5,7 +5,8 @@ out) on every model given.  Wall time: ``graphopt optimize -O1 --verify off`` th
 (load, check, passes, export, save) against ``onnx.load`` + ``onnx.save`` of the same model, measured
 interleaved (A, B, A, B, ...) on one thread (onnxsim and onnxslim, load and save included, in
 the same rounds), with an identical-model control pair (A vs A') that shows
-the noise.  Medians.
+the noise.  Times are medians; ratios are medians of per-round ratios (each run against the mean of
+the two load+save timings around it).
 
     python benchmarks/simplify.py ../shared/corpus/*.onnx ../shared/digits/*.onnx --rounds 7
 """
@@ -119,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
                 onnx.save(m, os.path.join(d, "c.onnx"))
                 a2.append(clock() - t)
             ma, ma2, mb = statistics.median(a), statistics.median(a2), statistics.median(b)
-            peer_ratio = {k: (statistics.median(v) / ma if v else None) for k, v in peer_t.items()}
-            rows.append((name, n0, n1, res.verification.status, peers, ma, mb, mb / ma, ma2 / ma, statistics.median(passes_t),
+            # Ratios are taken round by round, against the mean of the two load+save timings around
+            # each run (same machine state), and the median of those is reported: on a shared machine
+            # the baseline itself drifts by tens of percent between rounds.
+            base = [(x + y) / 2 for x, y in zip(a, a2)]
+            ratio = statistics.median(bi / ai for bi, ai in zip(b, base))
+            control = statistics.median(y / x for x, y in zip(a, a2))
+            peer_ratio = {k: (statistics.median(vi / ai for vi, ai in zip(v, base)) if len(v) == len(base) else
+                              (statistics.median(v) / ma if v else None)) for k, v in peer_t.items()}
+            rows.append((name, n0, n1, res.verification.status, peers, ma, mb, ratio, control, statistics.median(passes_t),
                          peer_ratio))
     print(f"clock: {args.clock}, {args.rounds} interleaved rounds, medians")
     print(f"{'model':22s} {'nodes':>6s} {'-O1':>5s} {'onnxsim':>8s} {'onnxslim':>9s} {'ort-basic':>9s} {'verify':>7s} "
