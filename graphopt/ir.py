@@ -27,7 +27,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import (
 )
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from . import importer, lineage
+from . import importer, lineage, wire
 from .errors import InputError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -110,7 +110,7 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
         raise InputError(f"cannot load a model from {type(src).__name__}")
     source = None
     if data is not None and len(data) <= SOURCE_LIMIT:
-        spans = _raw_spans(data)
+        spans = wire.raw_spans(data)
         if spans is not None and len(spans) == len(model.graph.initializer):
             source = Source(data, spans, whole=not external)
     if check:
@@ -193,26 +193,7 @@ def _is_heavy(t: onnx.TensorProto) -> bool:
     return (t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                             onnx.TensorProto.DOUBLE)
             and t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
-            and _nbytes(t) > LIGHT_BYTES)
-
-
-_ITEMSIZE: dict[int, int] = {}
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    """The bytes ``t``'s dims and type call for (-1 for a negative dim).  Never reads the data: upb
-    copies a bytes field on every read, and its ``ByteSize()`` encodes the message to measure it."""
-    n = _ITEMSIZE.get(t.data_type)
-    if n is None:
-        try:
-            n = _ITEMSIZE[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            return -1
-    for d in t.dims:
-        if d < 0:
-            return -1
-        n *= d
-    return n
+            and wire.nbytes(t) > LIGHT_BYTES)
 
 
 # [model, its light model without value_info] as check_model left it: the next light_model(model,
@@ -270,7 +251,7 @@ def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None,
     model's worth of memory traffic)."""
     g = model.graph
     listed = {vi.name for vi in g.input} if model.ir_version < 4 else None
-    spans = source.spans if source is not None else (_raw_spans(data) if data is not None else None)
+    spans = source.spans if source is not None else (wire.raw_spans(data) if data is not None else None)
     lengths = None if spans is None else [-1 if sp is None else sp[1] - sp[0] for sp in spans]
     if lengths is not None and len(lengths) != len(g.initializer):
         lengths = None
@@ -280,63 +261,10 @@ def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None,
         if listed is not None and t.name not in listed:
             raise InputError(f"{what}: fails onnx.checker: {t.name} in initializer but not in graph input")
         have = lengths[i] if lengths is not None and lengths[i] >= 0 else len(t.raw_data)
-        need = _nbytes(t)
+        need = wire.nbytes(t)
         if have < need:
             raise InputError(f"{what}: fails onnx.checker: TensorProto (tensor name: {t.name}) raw_data size "
                              f"({have} bytes) is too small for the declared shape and type ({need} bytes required).")
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return v, i
-        shift += 7
-
-
-def _fields(buf: memoryview, start: int, end: int):
-    """(field number, wire type, value start, value end) of each field of one protobuf message."""
-    i = start
-    while i < end:
-        tag, i = _varint(buf, i)
-        wt = tag & 7
-        if wt == 0:
-            j = _varint(buf, i)[1]
-        elif wt == 1:
-            j = i + 8
-        elif wt == 5:
-            j = i + 4
-        elif wt == 2:
-            n, i = _varint(buf, i)
-            j = i + n
-        else:
-            raise ValueError("group fields are not used by ONNX")
-        yield tag >> 3, wt, i, j
-        i = j
-
-
-def _raw_spans(data: bytes) -> list[tuple[int, int] | None] | None:
-    """Where the raw_data (None if absent) of each top-level initializer lies in ``data``, in order, read
-    off the serialized ModelProto (graph = field 7, GraphProto.initializer = 5, TensorProto.raw_data = 9;
-    the last occurrence of a field wins, as in a parse)."""
-    try:
-        buf = memoryview(data)
-        out: list[tuple[int, int] | None] = []
-        for f, wt, a, b in _fields(buf, 0, len(buf)):
-            if f == 7 and wt == 2:
-                for gf, gwt, ga, gb in _fields(buf, a, b):
-                    if gf == 5 and gwt == 2:
-                        span = None
-                        for tf, twt, ta, tb in _fields(buf, ga, gb):
-                            if tf == 9 and twt == 2:
-                                span = (ta, tb)
-                        out.append(span)
-        return out
-    except (ValueError, IndexError):
-        return None
 
 
 _SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
@@ -1054,7 +982,7 @@ def approx_size(model: onnx.ModelProto) -> int:
     g = model.graph
     total = 64
     for t in g.initializer:
-        n = _nbytes(t) if t.HasField("raw_data") else -1
+        n = wire.nbytes(t) if t.HasField("raw_data") else -1
         total += (n + 64 + 16 * len(t.dims)) if n >= 0 else t.ByteSize() + 8
     for part in (g.node, g.input, g.output, g.value_info, g.sparse_initializer, model.functions, model.opset_import,
                  model.metadata_props):
@@ -1114,36 +1042,6 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     return path
 
 
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_TENSOR_FIELDS = [f for f in onnx.TensorProto.DESCRIPTOR.fields if f.name != "raw_data"]
-
-
-def _repeated(f) -> bool:
-    is_repeated = getattr(f, "is_repeated", None)  # protobuf >= 5.28; label is gone from 7
-    return is_repeated if is_repeated is not None else f.label == f.LABEL_REPEATED
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    """Every set field of message ``src`` but ``skip`` into the empty ``dst`` (no bytes field read)."""
-    for f, v in src.ListFields():
-        if f.name == skip:
-            continue
-        if _repeated(f):
-            getattr(dst, f.name).extend(v)
-        elif f.message_type is not None:
-            getattr(dst, f.name).CopyFrom(v)
-        else:
-            setattr(dst, f.name, v)
-
-
 def _serialized(model: onnx.ModelProto, raw: list[memoryview | None],
                 unwritten: Unwritten | None = None) -> list[bytes | memoryview]:
     """``model`` in the protobuf wire format, as pieces to write one after the other, with the
@@ -1157,33 +1055,25 @@ def _serialized(model: onnx.ModelProto, raw: list[memoryview | None],
     """
     g = model.graph
     rest = onnx.ModelProto()
-    _copy_fields(model, rest, "graph")
+    wire.copy_fields(model, rest, "graph")
     head = onnx.GraphProto()
-    _copy_fields(g, head, "initializer")
+    wire.copy_fields(g, head, "initializer")
     pieces: list[bytes | memoryview] = [head.SerializeToString()]
     for i, t in enumerate(g.initializer):
         view = raw[i] if i < len(raw) else None
-        from_view = view is not None and _nbytes(t) == len(view) and (
+        from_view = view is not None and wire.nbytes(t) == len(view) and (
             t.HasField("raw_data") or (unwritten is not None and i in unwritten.indices))
         if not from_view:
             if unwritten is not None and i in unwritten.indices:
                 unwritten.complete()  # (a stand-in without its view: cannot be; never write one empty)
             body = t.SerializeToString()
-            pieces += [b"\x2a", _encode_varint(len(body)), body]
+            pieces += [b"\x2a", wire.encode_varint(len(body)), body]
             continue
-        fields = onnx.TensorProto()
-        for f in _TENSOR_FIELDS:
-            if _repeated(f):
-                v = getattr(t, f.name)
-                if len(v):
-                    getattr(fields, f.name).extend(v)
-            elif t.HasField(f.name):
-                setattr(fields, f.name, getattr(t, f.name))
-        front = fields.SerializeToString()
-        n = _encode_varint(len(view))
-        pieces += [b"\x2a", _encode_varint(len(front) + 1 + len(n) + len(view)), front, b"\x4a", n, view]
+        front = wire.tensor_without_raw_data(t)
+        n = wire.encode_varint(len(view))
+        pieces += [b"\x2a", wire.encode_varint(len(front) + 1 + len(n) + len(view)), front, b"\x4a", n, view]
     size = sum(len(p) for p in pieces)
-    return [rest.SerializeToString(), b"\x3a", _encode_varint(size)] + pieces
+    return [rest.SerializeToString(), b"\x3a", wire.encode_varint(size)] + pieces
 
 
 def _write_atomically(data: list[bytes | memoryview], path: Path) -> None:

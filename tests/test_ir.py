@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt
-from graphopt import ir
+from graphopt import ir, wire
 from graphopt.errors import InputError
 
 RICH_MODEL = """
@@ -168,10 +168,10 @@ def test_checker_light_model_keeps_ir3_rule():
 def test_raw_spans_read_off_the_wire(fixtures_dir):
     m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
     data = m.SerializeToString()
-    spans = ir._raw_spans(data)
+    spans = wire.raw_spans(data)
     assert [None if sp is None else data[sp[0]:sp[1]] for sp in spans] == \
         [t.raw_data if t.HasField("raw_data") else None for t in m.graph.initializer]
-    assert ir._raw_spans(b"\xff\xff") is None  # malformed: the caller falls back to reading the field
+    assert wire.raw_spans(b"\xff\xff") is None  # malformed: the caller falls back to reading the field
 
 
 def test_the_source_of_a_loaded_model_holds_its_weights(fixtures_dir):
@@ -190,7 +190,7 @@ def test_light_model_leaves_out_only_large_float_weights(fixtures_dir):
     light = ir.light_model(m)
     kept = {t.name for t in light.graph.initializer}
     for t in m.graph.initializer:
-        big = t.data_type == onnx.TensorProto.FLOAT and ir._nbytes(t) > ir.LIGHT_BYTES
+        big = t.data_type == onnx.TensorProto.FLOAT and wire.nbytes(t) > ir.LIGHT_BYTES
         assert (t.name not in kept) == big
         if big:
             vi = next(v for v in light.graph.input if v.name == t.name)
@@ -389,7 +389,7 @@ def test_save_ignores_a_view_that_does_not_fit_its_tensor(tmp_path):
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**14, 2**21 + 5, 2**28 + 1, 2**35])
 def test_varints_encode_as_protobuf_does(n):
     t = onnx.TensorProto(dims=[n])
-    assert ir._encode_varint(n) == t.SerializeToString()[1:]
+    assert wire.encode_varint(n) == t.SerializeToString()[1:]
 
 
 @pytest.mark.parametrize("tensor", [
