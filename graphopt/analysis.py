@@ -18,13 +18,17 @@ pass manager clears ``ctx.cache`` whenever a pass reports a change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
+
+if TYPE_CHECKING:
+    import networkx as nx
+# networkx is imported where it is used: it costs ~0.2 s to import, which every command-line run
+# would pay for (the pass registry imports the pruning passes, which import this module).
 
 # ops that act on each channel independently and keep the layout (extra inputs must be scalars)
 CHANNELWISE = {
@@ -67,6 +71,8 @@ def dataflow(graph: gs.Graph, ctx=None) -> nx.DiGraph:
     hit = _cache(ctx, "analysis.dataflow", graph)
     if hit is not None:
         return hit
+    import networkx as nx
+
     g = nx.DiGraph()
     for i, node in enumerate(graph.nodes):
         g.add_node(("n", i), op=node.op)
@@ -168,6 +174,8 @@ class _Builder:
         self.size: dict[int, int] = {}
         self.members: dict[int, list[Member]] = {}
         self.blocked: dict[int, str] = {}
+        import networkx as nx
+
         self.unify = nx.Graph()
 
     def new_space(self, n: int) -> int:
@@ -207,6 +215,8 @@ class _Builder:
         for name in inner:
             self.block(self.layout.get(name), f"{name}: used inside a subgraph")
         groups = []
+        import networkx as nx
+
         for comp in nx.connected_components(self.unify):
             spaces = sorted(comp)
             sizes = {self.size[s] for s in spaces}
