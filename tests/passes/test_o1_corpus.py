@@ -35,3 +35,25 @@ def test_o1_on_shared_models(path, shared_dir):
     pm = PassManager("fixpoint{max-iter=6}(fold-constants,merge-chains,eliminate-noops,cse,dce)")
     pm.run(graph, ctx)
     assert not any(r.changed for r in pm.report.passes), [(r.name, r.stats) for r in pm.report.passes if r.changed]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("path", corpus_params())
+def test_o1_without_verification_writes_the_same_model_from_the_files_bytes(path, shared_dir, tmp_path):
+    """verify="off" from a path takes the fast road (weights read from the file's bytes, the model
+    rewritten in place, new weights written to the file from their arrays): the file written must
+    be the model verify="end" returns, and the model returned must be what was written."""
+    checked = api.optimize(path, "O1", verify="end").model
+    out = tmp_path / "o1.onnx"
+    res = api.optimize(path, "O1", verify="off", output=out)
+    written = onnx.load(out)
+    assert written == res.model
+
+    def canonical(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        inits = sorted((onnx.TensorProto.FromString(t.SerializeToString()) for t in m.graph.initializer), key=lambda t: t.name)
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(inits)
+        return m.SerializeToString(deterministic=True)
+
+    assert canonical(written) == canonical(checked)
