@@ -87,6 +87,18 @@ class Budget:
     def is_set(self) -> bool:
         return any(v is not None for v in (self.max_accuracy_drop, self.min_cosine, self.min_top1_agreement))
 
+    def describe(self, *, with_accuracy: bool = True) -> str:
+        """The limits set, as a report says them ("cosine >= 0.99, ..."); ``with_accuracy=False``
+        leaves out the top-1 drop (a check that has no labelled data to measure it on)."""
+        parts = []
+        if self.max_accuracy_drop is not None and with_accuracy:
+            parts.append(f"top-1 drop <= {self.max_accuracy_drop}")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine}")
+        if self.min_top1_agreement is not None:
+            parts.append(f"top-1 agreement >= {self.min_top1_agreement}")
+        return ", ".join(parts)
+
 
 class PassContext:
     """Everything a pass may ask for besides the graph: evaluation, shapes, data, budget, rewrites.

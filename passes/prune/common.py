@@ -179,15 +179,7 @@ class BudgetCheck:
         self.ctx, self.reference, self.feeds = ctx, reference, feeds
         r = Runner(reference)
         self.ref = [r.run(f) for f in feeds]
-        b = ctx.budget
-        parts = []
-        if b.max_accuracy_drop is not None and ctx.eval_data is not None:
-            parts.append(f"top-1 drop <= {b.max_accuracy_drop}")
-        if b.min_cosine is not None:
-            parts.append(f"cosine >= {b.min_cosine}")
-        if b.min_top1_agreement is not None:
-            parts.append(f"top-1 agreement >= {b.min_top1_agreement}")
-        self.rule = ", ".join(parts)
+        self.rule = ctx.budget.describe(with_accuracy=ctx.eval_data is not None)
 
     @classmethod
     def for_ctx(cls, ctx, graph: gs.Graph) -> "BudgetCheck | None":

@@ -613,14 +613,7 @@ class _BudgetCheck:
             self.input_ref = self.ref if self.input_model is float_model else [Runner(self.input_model).run(f) for f in feeds[:2]]
         b = ctx.budget
         if b.is_set():
-            parts = []
-            if b.max_accuracy_drop is not None:
-                parts.append(f"top-1 drop <= {b.max_accuracy_drop}")
-            if b.min_cosine is not None:
-                parts.append(f"cosine >= {b.min_cosine}")
-            if b.min_top1_agreement is not None:
-                parts.append(f"top-1 agreement >= {b.min_top1_agreement}")
-            self.rule = ", ".join(parts)
+            self.rule = b.describe()
         else:
             from graphopt.verify import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, DEFAULT_TOP1_MIN_ROWS
 
