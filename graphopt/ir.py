@@ -584,7 +584,7 @@ def _write_tensor(c: gs.Constant, p: onnx.TensorProto, unwritten: Unwritten | No
                   index: int = -1) -> memoryview | None:
     """Write ``c`` into the empty ``p``: a numpy weight straight into ``raw_data`` (one copy, where
     ``make_tensor`` + appending make three), or with ``unwritten``, everything but its bytes (``p`` is
-    initializer ``index`` of the graph, 1-based); anything else the way gs's exporter does.  Returns
+    initializer ``index`` of the graph); anything else the way gs's exporter does.  Returns
     the bytes of ``raw_data`` when they come from an array (a view of it, for :func:`save`)."""
     v = c._values
     if (isinstance(v, np.ndarray) and c._export_dtype is None and v.dtype.kind in "biufc"
@@ -595,7 +595,7 @@ def _write_tensor(c: gs.Constant, p: onnx.TensorProto, unwritten: Unwritten | No
         p.dims.extend(v.shape)
         if unwritten is not None:
             unwritten.tensors.append((p, a))
-            unwritten.indices.add(index - 1)
+            unwritten.indices.add(index)
         else:
             p.raw_data = a.tobytes()
         if c.data_location is not None:
@@ -889,7 +889,8 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[i
     into.graph.MergeFrom(graph)
     for c in stand_ins.values():
         if not isinstance(c, int):
-            views.append(_write_tensor(c, inits.add(), unwritten, len(inits)))
+            p = inits.add()
+            views.append(_write_tensor(c, p, unwritten, len(inits) - 1))
     inits.extend(others)
     views += [None] * len(others)
     return into, views
