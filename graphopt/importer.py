@@ -58,7 +58,19 @@ def variable(name: str, dtype=None, shape=None, type: str = "tensor_type") -> gs
     return v
 
 
-class SourcedValues(LazyValues):
+class RawValues(LazyValues):
+    """``LazyValues`` of a little-endian numeric tensor held in ``raw_data``: loaded with numpy
+    straight from the bytes (gs's ``load()`` goes through ``onnx.numpy_helper.to_array``, whose
+    per-call overhead dominates for the hundreds of small constants an exported transformer has)."""
+
+    def load(self) -> np.ndarray:
+        t = self.tensor
+        if not t.HasField("raw_data"):
+            return super().load()
+        return np.frombuffer(t.raw_data, dtype=self.dtype).reshape(tuple(self.shape)).copy()
+
+
+class SourcedValues(RawValues):
     """``LazyValues`` whose bytes are read from the file the model was parsed from (``raw``, a
     read-only memoryview), not from the proto: upb copies a bytes field on every read, so gs's
     ``load()`` makes two copies of a weight where this makes one, and :meth:`view` none."""
@@ -86,9 +98,12 @@ def constant(t: onnx.TensorProto, raw: memoryview | None = None) -> gs.Constant:
     for x in t.dims:
         n *= x
     nbytes = n * get_itemsize(dtype)
-    if raw is not None and len(raw) == nbytes and _LITTLE and np.dtype(dtype) in _VIEWABLE:
+    viewable = _LITTLE and not isinstance(dtype, int) and np.dtype(dtype) in _VIEWABLE  # (int: no numpy type)
+    if raw is not None and len(raw) == nbytes and viewable:
         lv = SourcedValues.__new__(SourcedValues)
         lv.raw = raw
+    elif viewable:
+        lv = RawValues.__new__(RawValues)
     else:
         lv = LazyValues.__new__(LazyValues)
     lv.tensor = t

@@ -415,25 +415,27 @@ def test_value_info_is_written_as_gs_writes_it(tensor):
 def test_deferred_gc_restores_the_collector_and_leaves_a_users_freeze_alone():
     import gc
 
-    assert gc.isenabled()
-    with ir.deferred_gc():
-        assert not gc.isenabled()
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-    gc.disable()
+    was = gc.isenabled()
+    gc.enable()
     try:
+        with ir.deferred_gc():
+            assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        gc.disable()
         with ir.deferred_gc():
             pass
         assert not gc.isenabled()
-    finally:
         gc.enable()
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with ir.deferred_gc():
-            [[] for _ in range(100)]
-        assert gc.get_freeze_count() == frozen  # the user's frozen objects stay frozen
+        gc.freeze()
+        try:
+            frozen = gc.get_freeze_count()
+            with ir.deferred_gc():
+                [[] for _ in range(100)]
+            assert gc.get_freeze_count() == frozen  # the user's frozen objects stay frozen
+        finally:
+            gc.unfreeze()
     finally:
-        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
 
 
 def test_the_light_model_of_the_check_serves_the_first_shape_inference_once(fixtures_dir):
