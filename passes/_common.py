@@ -224,6 +224,11 @@ def to_identity(node: gs.Node, src: gs.Tensor) -> None:
         node.outputs.remove(o)
 
 
+# Ops eliminate-noops can only judge a no-op with the input's shape known (and Cast with its dtype);
+# fold-constants infers shapes early, while that is cheap, when the graph has any of them.
+SHAPE_CHECKED_NOOPS = frozenset({"Reshape", "Flatten", "Squeeze", "Expand", "Slice"})
+
+
 def toposort(graph: gs.Graph, ctx, *, recurse: bool = True) -> None:
     """:func:`graphopt.ir.toposort`, skipped for a graph found sorted since the last change (the
     context's cache is cleared whenever a pass changes the graph).  The check walks every edge, and

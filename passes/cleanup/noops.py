@@ -307,7 +307,7 @@ def _needs_shapes(node: gs.Node, derived: bool) -> bool:
         return False
     if op == "Cast":
         return not derived or C.np_dtype(node.inputs[0]) is None
-    if op in ("Reshape", "Flatten", "Squeeze", "Expand", "Slice") or (op == "Transpose" and "perm" not in node.attrs):
+    if op in C.SHAPE_CHECKED_NOOPS or (op == "Transpose" and "perm" not in node.attrs):
         return not derived or C.shape_of(node.inputs[0]) is None
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         neutral = 0 if op in ("Add", "Sub") else 1

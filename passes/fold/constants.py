@@ -43,7 +43,6 @@ NEVER_FOLD = {
 GENERATORS = {"ConstantOfShape", "Range", "Expand", "Tile"}
 _FOLDABLE_DTYPES = K._NUMERIC
 _SHAPE_OPS = {"Shape", "Size"}
-_CLEANUP_SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Expand", "Slice", "Cast"}  # eliminate-noops checks these
 
 
 def _is_const(t) -> bool:
@@ -169,7 +168,7 @@ class FoldConstants(Pass):
         graph first."""
         if C.shapes_derived(graph) or ir.pristine_source(graph) is None:
             return False
-        return any(n.op in _CLEANUP_SHAPE_OPS for n in graph.nodes)
+        return any(n.op in C.SHAPE_CHECKED_NOOPS or n.op == "Cast" for n in graph.nodes)
 
     @staticmethod
     def _needs_shapes(graph: gs.Graph) -> bool:
