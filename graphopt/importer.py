@@ -24,7 +24,7 @@ _A = onnx.AttributeProto
 # Attribute kinds gs imports as plain Python values (or a Constant); the others go through gs.
 _PLAIN_ATTRS = frozenset({_A.FLOAT, _A.INT, _A.STRING, _A.TENSOR, _A.FLOATS, _A.INTS, _A.STRINGS})
 _DTYPES: dict[int, object] = {}
-_LITTLE = sys.byteorder == "little"
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _dtype(elem_type: int):
@@ -73,7 +73,28 @@ class RawValues(LazyValues):
 class SourcedValues(RawValues):
     """``LazyValues`` whose bytes are read from the file the model was parsed from (``raw``, a
     read-only memoryview), not from the proto: upb copies a bytes field on every read, so gs's
-    ``load()`` makes two copies of a weight where this makes one, and :meth:`view` none."""
+    ``load()`` makes two copies of a weight where this makes one, and :meth:`view` none.
+
+    The proto may be a skeleton's (:func:`graphopt.wire.skeleton`: its ``raw_data`` left empty):
+    ``tensor`` then fills it from ``raw`` when first asked for, so that whatever reads or copies
+    the proto (gs's exporter does) gets the whole tensor; ``proto`` gives it as it is."""
+
+    proto: onnx.TensorProto
+    empty: bool = False  # the proto's raw_data is empty (a skeleton's): its bytes are only in raw
+    source = None  # then the graphopt.ir.Source it came from,
+    index = -1  # and its initializer index there
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        if self.empty:
+            self.source.fill_one(self.index, self.proto)
+            self.empty = False
+        return self.proto
+
+    @tensor.setter
+    def tensor(self, t: onnx.TensorProto) -> None:
+        self.proto = t
+        self.empty = False
 
     def view(self) -> np.ndarray:
         """The values as a read-only array over the file's bytes (no copy)."""
@@ -90,23 +111,31 @@ _VIEWABLE = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, 
                                             np.complex64, np.complex128))
 
 
-def constant(t: onnx.TensorProto, raw: memoryview | None = None) -> gs.Constant:
+def constant(t: onnx.TensorProto, raw: memoryview | None = None, source=None, index: int = -1) -> gs.Constant:
     """What gs imports a TensorProto as: a Constant with lazy values (the proto is not read).  ``raw``:
-    the tensor's raw_data in the file's bytes, when known (see :class:`SourcedValues`)."""
+    the tensor's raw_data in the file's bytes, when known (see :class:`SourcedValues`).  ``t`` may be
+    a skeleton's weight left empty: initializer ``index`` of the ``source`` :class:`graphopt.ir.Source`
+    (then ``raw`` must be its bytes)."""
+    empty = source is not None and index in source.stripped
     dtype = _dtype(t.data_type)
     n = 1
     for x in t.dims:
         n *= x
     nbytes = n * get_itemsize(dtype)
-    viewable = _LITTLE and not isinstance(dtype, int) and np.dtype(dtype) in _VIEWABLE  # (int: no numpy type)
+    viewable = LITTLE_ENDIAN and not isinstance(dtype, int) and np.dtype(dtype) in _VIEWABLE  # (int: no numpy type)
     if raw is not None and len(raw) == nbytes and viewable:
         lv = SourcedValues.__new__(SourcedValues)
         lv.raw = raw
-    elif viewable:
-        lv = RawValues.__new__(RawValues)
+        lv.proto = t
+        if empty:
+            lv.empty = True
+            lv.source = source
+            lv.index = index
+    elif empty:
+        raise ValueError(f"weight '{t.name}' of a skeleton has no bytes to read")
     else:
-        lv = LazyValues.__new__(LazyValues)
-    lv.tensor = t
+        lv = RawValues.__new__(RawValues) if viewable else LazyValues.__new__(LazyValues)
+        lv.tensor = t
     lv.shape = t.dims
     lv.dtype = dtype
     lv.nbytes = nbytes
@@ -171,7 +200,7 @@ def import_onnx(model: onnx.ModelProto, source=None) -> gs.Graph:
     tensors: OrderedDict[str, gs.Tensor] = OrderedDict()
     for i, t in enumerate(g.initializer):
         if t.name not in tensors:
-            tensors[t.name] = constant(t, source.raw(i) if source is not None else None)
+            tensors[t.name] = constant(t, source.raw(i), source, i) if source is not None else constant(t)
     for st in g.sparse_initializer:
         if st.values.name not in tensors:
             tensors[st.values.name] = OnnxImporter.import_tensor(st)

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -48,11 +48,26 @@ class Source:
     data: bytes
     spans: list[tuple[int, int] | None]
     whole: bool = True  # the file holds every weight (no external data)
+    # initializers whose raw_data the model (a skeleton: see load_with_source) still holds empty:
+    # their bytes are only here
+    stripped: set[int] = field(default_factory=set)
 
     def raw(self, i: int) -> memoryview | None:
         """The raw bytes of initializer ``i`` (read-only, no copy), if the file holds them."""
         span = self.spans[i] if i < len(self.spans) else None
         return None if span is None else memoryview(self.data)[span[0]:span[1]]
+
+    def fill_one(self, i: int, proto: onnx.TensorProto) -> None:
+        """Put initializer ``i``'s bytes into ``proto`` (that initializer of the skeleton model)."""
+        if i in self.stripped:
+            proto.raw_data = self.raw(i).tobytes()
+            self.stripped.discard(i)
+
+    def fill(self, model: onnx.ModelProto) -> None:
+        """Make the skeleton ``model`` (the model parsed with this source) whole."""
+        inits = model.graph.initializer
+        for i in sorted(self.stripped):
+            self.fill_one(i, inits[i])
 
 
 SOURCE_LIMIT = 2**30  # keep the file's bytes in memory beside the model only up to this size
@@ -66,17 +81,26 @@ def load(src: ModelLike, *, check: bool = True) -> onnx.ModelProto:
     return load_with_source(src, check=check)[0]
 
 
-def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelProto, Source | None]:
+def load_with_source(src: ModelLike, *, check: bool = True,
+                     skeleton: bool = False) -> tuple[onnx.ModelProto, Source | None]:
     """:func:`load`, and the :class:`Source` of the model when it was parsed here from a file or bytes
-    (None for a ``ModelProto``, a model over :data:`SOURCE_LIMIT`, or one whose wire format is odd)."""
+    (None for a ``ModelProto``, a model over :data:`SOURCE_LIMIT`, or one whose wire format is odd).
+
+    ``skeleton=True``: the model may come back a skeleton (:func:`graphopt.wire.skeleton`): its big
+    float weights hold an empty ``raw_data``, their bytes being only in the source
+    (``Source.stripped`` lists them).  :func:`import_model` reads them from there, and the IR fills a
+    proto in when something asks for it; :meth:`Source.fill` makes the model whole.  For a caller that
+    uses the model only through the IR and :func:`export_for_save`: parsing 20 MB of weights costs
+    as much as the rest of a -O1 run."""
     data = None
+    cut = None
     external = False
     if isinstance(src, onnx.ModelProto):
         model = src
         base_dir = None
     elif isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
-        model = _parse_bytes(data, "the given bytes")
+        model, cut = _parse(data, "the given bytes", skeleton)
         base_dir = None
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -90,7 +114,7 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
             raise InputError(f"{path}: cannot read: {e.strerror}") from None
         if not data:
             raise InputError(f"{path}: empty file")
-        model = _parse_bytes(data, str(path))
+        model, cut = _parse(data, str(path), skeleton)
         base_dir = path.parent
         external = uses_external_data(model)
         if external:
@@ -109,13 +133,40 @@ def load_with_source(src: ModelLike, *, check: bool = True) -> tuple[onnx.ModelP
     else:
         raise InputError(f"cannot load a model from {type(src).__name__}")
     source = None
-    if data is not None and len(data) <= SOURCE_LIMIT:
+    if cut:
+        source = Source(data, cut[1], whole=not external, stripped=set(cut[2]))
+    elif data is not None and len(data) <= SOURCE_LIMIT:
         spans = wire.raw_spans(data)
         if spans is not None and len(spans) == len(model.graph.initializer):
             source = Source(data, spans, whole=not external)
     if check:
         check_model(model, str(src) if base_dir else "model", data=data, source=source)
     return model, source
+
+
+def _parse(data: bytes, what: str, skeleton: bool) -> tuple[onnx.ModelProto, tuple | None]:
+    """The model in ``data``, and with ``skeleton``, when one is worth it and usable, as a skeleton:
+    then also what :func:`graphopt.wire.skeleton` returned."""
+    cut = None
+    if skeleton and len(data) <= SOURCE_LIMIT and importer.LITTLE_ENDIAN:
+        cut = wire.skeleton(data, LIGHT_BYTES)
+    if not cut or not cut[2]:
+        return _parse_bytes(data, what), None
+    model = _parse_bytes(cut[0], what)
+    if _skeleton_usable(model, cut[2]):
+        return model, cut
+    return _parse_bytes(data, what), None
+
+
+def _skeleton_usable(model: onnx.ModelProto, stripped: list[int]) -> bool:
+    """Whether the IR reads every weight a skeleton left empty from the source: it is the only
+    initializer of its name, and not a graph input (export copies those from the template)."""
+    g = model.graph
+    names = [t.name for t in g.initializer]
+    if len(set(names)) != len(names):
+        return False
+    inputs = {vi.name for vi in g.input}
+    return not any(names[i] in inputs for i in stripped)
 
 
 def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
@@ -533,7 +584,7 @@ def _export_graph_proto(graph: gs.Graph, g: onnx.GraphProto,
             else:
                 _write_tensor(t, g.initializer.add())
             continue
-        proto = t._values.tensor if isinstance(t._values, LazyValues) else None
+        proto = _proto(t._values) if isinstance(t._values, LazyValues) else None
         i = borrow.get(id(proto)) if proto is not None else None
         if i is not None and i not in taken and t._export_dtype is None:
             proto.name = t.name  # as gs's exporter does: a renamed constant renames its proto
@@ -576,7 +627,7 @@ def value_info_into(t: gs.Tensor, vi: onnx.ValueInfoProto) -> None:
 def _onnx_dtype(c: gs.Constant) -> int:
     """The ONNX element type ``c`` is written with."""
     if isinstance(c._values, LazyValues):
-        return c._values.tensor.data_type
+        return _proto(c._values).data_type
     return _dtype_to_onnx(c.export_dtype)
 
 
@@ -601,12 +652,28 @@ def _write_tensor(c: gs.Constant, p: onnx.TensorProto, unwritten: Unwritten | No
         if c.data_location is not None:
             p.data_location = c.data_location
         return memoryview(a.reshape(-1).view(np.uint8))
+    elif type(v) is importer.SourcedValues and v.empty:  # a skeleton's weight: its bytes are in the file
+        p.CopyFrom(v.proto)
+        p.name = c.name
+        p.ClearField("raw_data")
+        if unwritten is not None:
+            unwritten.tensors.append((p, v.view()))
+            unwritten.indices.add(index)
+        else:
+            p.raw_data = v.raw.tobytes()
+        return v.raw
     elif isinstance(v, LazyValues):  # a copy, renamed: gs's exporter would rename the proto it shares
         p.CopyFrom(v.tensor)
         p.name = c.name
     else:
         p.CopyFrom(OnnxExporter.export_tensor_proto(c))
     return None
+
+
+def _proto(v: LazyValues) -> onnx.TensorProto:
+    """The TensorProto of lazy values as it is (a skeleton's weight is not filled in: see
+    :class:`graphopt.importer.SourcedValues`)."""
+    return v.proto if type(v) is importer.SourcedValues else v.tensor
 
 
 _ONNX_DTYPES: dict[Any, int] = {}
@@ -837,15 +904,21 @@ class Unwritten:
     def __init__(self) -> None:
         self.tensors: list[tuple[onnx.TensorProto, np.ndarray]] = []
         self.indices: set[int] = set()  # their positions in graph.initializer
+        # weights a skeleton (see load_with_source) left with an empty raw_data: (index in the source,
+        # proto, source)
+        self.sourced: list[tuple[int, onnx.TensorProto, Source]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.tensors)
+        return bool(self.tensors or self.sourced)
 
     def complete(self) -> None:
         for p, a in self.tensors:
             p.raw_data = a.tobytes()
+        for i, p, source in self.sourced:
+            source.fill_one(i, p)
         self.tensors.clear()
         self.indices.clear()
+        self.sourced.clear()
 
 
 def export_for_save(graph: gs.Graph, template: onnx.ModelProto, source: Source | None = None,
@@ -871,6 +944,12 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[i
     is replaced by ``model``'s.  Also returns the raw bytes views of :func:`export_for_save`."""
     inits = into.graph.initializer
     keep = {v for v in stand_ins.values() if isinstance(v, int)}
+    if source is not None and source.stripped:  # a skeleton's weights kept: their bytes are in the file
+        for i in sorted(keep & source.stripped):
+            if unwritten is not None:
+                unwritten.sourced.append((i, inits[i], source))
+            else:
+                source.fill_one(i, inits[i])
     for i in range(len(inits) - 1, -1, -1):
         if i not in keep:
             del inits[i]

@@ -455,3 +455,102 @@ def test_the_report_gives_the_input_files_size(fixtures_dir):
     path = fixtures_dir / "tiny_cnn.onnx"
     res = graphopt.optimize(path, "O1", verify="off")
     assert res.report.before["model_bytes"] == path.stat().st_size
+
+
+def _skeleton_model(listed: bool = False) -> onnx.ModelProto:
+    """Two big float weights (one FLOAT16), a small one, a big int64 one (shape arithmetic reads
+    those: a skeleton keeps them) and a Constant node."""
+    m = onnx.parser.parse_model("""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[4, 2048] x) => (float[4, 2048] y, int64[2048] k) {
+            a = Add(x, big)
+            h = Cast<to = 1>(half)
+            b = Mul(a, h)
+            c = Constant<value = float[1] {2.0}>()
+            d = Mul(b, c)
+            y = Sub(d, small)
+            k = Identity(ints)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    m.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 2048)).astype(np.float32), "big"),
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 2048)).astype(np.float16), "half"),
+        onnx.numpy_helper.from_array(np.ones((4, 1), np.float32), "small"),
+        onnx.numpy_helper.from_array(np.arange(2048, dtype=np.int64), "ints"),
+    ])
+    if listed:  # an overridable weight (IR >= 4): also a graph input
+        m.graph.input.append(onnx.helper.make_tensor_value_info("big", onnx.TensorProto.FLOAT, [4, 2048]))
+    return m
+
+
+def test_a_skeleton_empties_only_big_float_weights_and_parses_to_the_model_without_them():
+    m = _skeleton_model()
+    data = m.SerializeToString()
+    cut, spans, stripped = wire.skeleton(data, ir.LIGHT_BYTES)
+    assert spans == wire.raw_spans(data)
+    assert [m.graph.initializer[i].name for i in stripped] == ["big", "half"]
+    assert len(cut) < len(data) - 40000
+    expected = onnx.ModelProto()
+    expected.CopyFrom(m)
+    for i in stripped:
+        expected.graph.initializer[i].raw_data = b""
+    skel = onnx.load_from_string(cut)
+    assert skel == expected and all(t.HasField("raw_data") for t in skel.graph.initializer)
+    assert wire.skeleton(b"\xff\xff", 0) is None
+
+
+def test_a_skeleton_is_made_whole_from_its_source(tmp_path):
+    m = _skeleton_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    skel, source = ir.load_with_source(path, skeleton=True)
+    assert source.stripped == {0, 1} and not len(skel.graph.initializer[0].raw_data)
+    graph = ir.import_model(skel, source)
+    big = next(t for t in graph.tensors().values() if t.name == "big")
+    np.testing.assert_array_equal(ir.const_view(big), onnx.numpy_helper.to_array(m.graph.initializer[0]))
+    assert source.stripped == {0, 1}  # reading the values did not fill the proto
+    copy = ir.export_graph(graph, skel)  # a copying export (gs's exporter reads each proto): complete
+    assert _canonical(copy) == _canonical(ir.export_graph(ir.import_model(m), m))
+    assert source.stripped == set()  # ... through the protos of the skeleton itself
+    assert skel == m
+    skel2, source2 = ir.load_with_source(path, skeleton=True)
+    source2.fill(skel2)
+    assert skel2 == m and ir.load_with_source(path)[1].stripped == set()  # (no skeleton unless asked)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_skeletons_consuming_export_writes_the_weights_from_the_file(tmp_path, defer):
+    m = _skeleton_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+
+    def edited(model, source=None):
+        graph = ir.import_model(model, source)
+        big = next(t for t in graph.tensors().values() if t.name == "big")
+        graph.nodes[-2].inputs[1] = gs.Constant("big_twin", big._values)  # a second Constant on one proto
+        return graph
+
+    expected = ir.export_graph(edited(onnx.load(path)), onnx.load(path))
+    skel, source = ir.load_with_source(path, skeleton=True)
+    out, raw, unwritten = ir.export_for_save(edited(skel, source), skel, source, defer=defer)
+    written = ir.save(out, tmp_path / "out.onnx", raw=raw, unwritten=unwritten)
+    assert _canonical(onnx.load(written)) == _canonical(expected)
+    if defer:
+        assert unwritten  # the protos are not whole until asked for
+        unwritten.complete()
+    assert _canonical(out) == _canonical(expected)
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_optimize_without_verification_reads_a_skeleton_and_writes_the_same_model(tmp_path, listed):
+    m = _skeleton_model(listed)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    _, source = ir.load_with_source(path, skeleton=True)
+    assert bool(source.stripped) != listed  # an initializer that is also an input: no skeleton
+    off = graphopt.optimize(path, "O1", verify="off", output=tmp_path / "off.onnx")
+    end = graphopt.optimize(path.read_bytes(), "O1", verify="end", output=tmp_path / "end.onnx")
+    assert _canonical(onnx.load(tmp_path / "off.onnx")) == _canonical(onnx.load(tmp_path / "end.onnx"))
+    assert _canonical(off.model) == _canonical(end.model)
+    onnx.checker.check_model(off.model, full_check=True)

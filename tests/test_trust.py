@@ -196,6 +196,11 @@ def test_verify_each_rolls_back_a_crash_and_end_mode_reports_it(tiny, plugin, tm
     assert man["model_is"] == "the input model"
     r = cli("optimize", "--replay", str(tmp_path / "x.repro"))
     assert r.exit_code == 3 and "reproduced: pass 'crash-after-mutating' crashed: ValueError: boom" in r.output
+    # without verification the input is read as a skeleton (weights left in the file's bytes): the
+    # reproducer still gets the whole input model
+    r = cli("optimize", tiny, "-o", str(tmp_path / "y.onnx"), "--passes", pipe, "--load-plugin", plugin, "--verify", "off")
+    assert r.exit_code == 3 and "y.repro" in r.output
+    assert onnx.load(str(tmp_path / "y.repro" / "model.onnx")) == onnx.load(tiny)
 
 
 def test_lossy_passes_are_held_to_their_share_of_the_budget(tiny, plugin):
