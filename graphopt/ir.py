@@ -215,22 +215,28 @@ def _graph_uses_external_data(g: onnx.GraphProto) -> bool:
 
 def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None = None,
                 source: Source | None = None) -> None:
-    """onnx.checker plus the structural checks the checker does not do (cycles, duplicate names).
+    """onnx.checker, with plainer messages for cycles and duplicate names (:func:`check_structure`).
 
     The checker runs on :func:`light_model` (weights left out: serializing 20 MB of weights for the
     C++ checker costs as much as saving the model); what it would check on those weights is checked
     here instead (:func:`_check_weights`; ``data``, the bytes ``model`` was parsed from, makes that
     cheaper).
     """
-    check_structure(model.graph, what)  # first: its messages are more specific than the checker's
     try:
         _check_weights(model, what, data, source)
         light = light_model(model)
-        if light.ByteSize() < _SIZE_LIMIT:
-            onnx.checker.check_model(light)
+        serialized = light.SerializeToString()
+        if len(serialized) < _SIZE_LIMIT:
+            onnx.checker.check_model(serialized)
             del light.graph.value_info[:]
             _light_kept[:] = [model, light]  # for the first shape inference (light_model, value_info=False)
+        else:
+            check_structure(model.graph, what)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        # The checker refuses whatever check_structure does (a name produced twice, a node reading
+        # what comes after it), but check_structure says what is wrong more plainly: a cycle, or
+        # which name.  It runs only then: on a valid model it would cost as much as the checker.
+        check_structure(model.graph, what)
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{what}: fails onnx.checker: {first}") from None
 

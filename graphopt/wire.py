@@ -130,8 +130,9 @@ def skeleton(data: bytes, min_bytes: int) -> tuple[bytes, list[tuple[int, int] |
     model that parses in a fraction of the time (upb copies every bytes field into its arena; for a
     20 MB model that copy, and its page faults, cost as much as the rest of a -O1 run).
 
-    Returns (the skeleton's bytes, :func:`raw_spans` of ``data``, the indices of the initializers
-    emptied), or None if ``data`` is not plainly a model.  An initializer is emptied when it is
+    Returns (the skeleton's bytes, :func:`raw_spans` of ``data`` for the initializers over
+    ``min_bytes`` (None for the others), the indices of the initializers emptied), or None if
+    ``data`` is not plainly a model.  An initializer is emptied when it is
     FLOAT, FLOAT16 or DOUBLE held in ``raw_data`` of more than ``min_bytes`` bytes, exactly as many
     as its dims call for (so that its values can be read from ``data`` at its span).  An emptied
     tensor keeps a ``raw_data`` field of length 0 (its other fields are as they were): what asks
@@ -143,11 +144,15 @@ def skeleton(data: bytes, min_bytes: int) -> tuple[bytes, list[tuple[int, int] |
         if g is None:
             return None
         g_at, a, b = g
-        inits = _initializers(buf, a, b)
+        # (an initializer too small to leave out is not read: its span is left None)
+        inits = [_Initializer(buf, at, ga, gb) if gb - ga > min_bytes else None
+                 for gf, gwt, ga, gb, at in fields(buf, a, b) if gf == 5 and gwt == 2]
         pieces: list[bytes | memoryview] = []
         stripped: list[int] = []
         done = a  # the graph's bytes before this index are in pieces
         for i, t in enumerate(inits):
+            if t is None:
+                continue
             size = _SKELETON_TYPES.get(t.data_type)
             if t.raw is None or size is None or t.external or t.raw[1] - t.raw[0] <= min_bytes:
                 continue
@@ -161,7 +166,7 @@ def skeleton(data: bytes, min_bytes: int) -> tuple[bytes, list[tuple[int, int] |
             stripped.append(i)
         pieces.append(buf[done:b])
         graph = [buf[:g_at], b"\x3a", encode_varint(sum(len(x) for x in pieces))]
-        return b"".join(graph + pieces + [buf[b:]]), [t.raw for t in inits], stripped
+        return b"".join(graph + pieces + [buf[b:]]), [t and t.raw for t in inits], stripped
     except (ValueError, IndexError):
         return None
 
