@@ -62,7 +62,10 @@ class _Node:
             self.kind = "pass"
             self.pass_ = el.instantiate()
             self.text = format_pass(self.pass_)
-            self.clean_at: int | None = None  # graph generation this pass last ran on, changing nothing
+            self.idempotent = bool(getattr(self.pass_, "idempotent", False))
+            # the graph generation this pass left behind on its last run, if a run on that generation
+            # would change nothing: it found nothing to do, or changed the graph and is idempotent
+            self.done_at: int | None = None
 
 
 class PassManager:
@@ -109,10 +112,12 @@ class PassManager:
         changed = False
         for n in nodes:
             if n.kind == "pass":
-                if it is not None and it > 1 and n.clean_at == self._generation:
-                    continue  # in a fixpoint: nothing changed since this pass last found nothing to do
+                if it is not None and it > 1 and n.done_at == self._generation:
+                    continue  # in a fixpoint: nothing changed since this pass's last run, which left nothing to do
+                g0 = self._generation
                 graph, c = self._run_pass(n, graph, ctx, it)
-                n.clean_at = None if c else self._generation
+                # (a changed graph that an instrument then replaced is not the one this pass left)
+                n.done_at = self._generation if not c or (n.idempotent and self._generation == g0 + 1) else None
             elif n.kind == "seq":
                 graph, c = self._run_seq(n.children, graph, ctx, it)
             else:
