@@ -48,13 +48,15 @@ class Instrument:
 
 
 class _Node:
-    """A pipeline element with its pass instances built once."""
+    """A pipeline element with its pass instances built once.  Building the tree checks what
+    :meth:`Pipeline.validate` checks, in the same order, so the manager does not validate first."""
 
     def __init__(self, el: Element):
         if isinstance(el, PresetRef):
             self.kind = "seq"
             self.children = [_Node(e) for e in el.expand().elements]
         elif isinstance(el, Fixpoint):
+            el.check()
             self.kind = "fixpoint"
             self.max_iter = el.max_iter
             self.children = [_Node(e) for e in el.body]
@@ -77,7 +79,6 @@ class PassManager:
 
     def __init__(self, pipeline: str | Pipeline, instruments: Iterable[Instrument] = ()):
         self.pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-        self.pipeline.validate()
         self.instruments = list(instruments)
         self._root = [_Node(e) for e in self.pipeline.elements]
         self.report = Report(pipeline=str(self.pipeline))
