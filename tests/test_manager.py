@@ -23,6 +23,7 @@ class StripIdentities(Pass):
 
     name = "test-strip-identities"
     idempotent = True
+    description = "bypass every Identity (idempotent)"
 
     @dataclass(frozen=True)
     class Options:
@@ -43,6 +44,7 @@ class StripIdentities(Pass):
 class StripIdentitiesUndeclared(StripIdentities):
     name = "test-strip-identities-undeclared"
     idempotent = False
+    description = "bypass every Identity (not declared idempotent)"
 
 
 @register_pass
@@ -50,6 +52,7 @@ class AddIdentityOnce(Pass):
     """Puts an Identity after the first node, on its first run only (another pass's change)."""
 
     name = "test-add-identity-once"
+    description = "add an Identity after the first node, on the first run only"
 
     @dataclass(frozen=True)
     class Options:
