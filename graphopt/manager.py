@@ -15,7 +15,7 @@ from . import ir, lineage
 from .errors import GraphoptError
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import Element, Fixpoint, Pipeline, PresetRef, format_pass, parse_pipeline
-from .report import PassRecord, Report, constant_bytes, op_histogram
+from .report import PassRecord, Report, all_nodes, constant_bytes, op_histogram
 
 
 class PassCrashed(GraphoptError):
@@ -137,7 +137,8 @@ class PassManager:
         """Op histogram, constant bytes and lineage signatures of ``graph``, computed once per change:
         a pass that reports no change leaves the graph as it was, so the next pass reuses them."""
         if self._cached is None or self._cached[0] is not graph:
-            self._cached = (graph, op_histogram(graph), constant_bytes(graph), lineage.snapshot(graph))
+            nodes = all_nodes(graph)  # (one walk for both)
+            self._cached = (graph, op_histogram(graph, nodes), constant_bytes(graph), lineage.snapshot(graph, nodes))
         return self._cached[1:]
 
     def _run_pass(self, n: _Node, graph: gs.Graph, ctx: PassContext, it: int | None) -> tuple[gs.Graph, bool]:
@@ -168,7 +169,8 @@ class PassManager:
         dt = time.perf_counter() - t0
         if not isinstance(result, PassResult):
             raise PassCrashed(p.name, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
-        hist1 = op_histogram(graph) if result.changed else hist0
+        nodes = all_nodes(graph) if result.changed else None
+        hist1 = op_histogram(graph, nodes) if result.changed else hist0
         delta = Counter(hist1)
         delta.subtract(hist0)
         rec = PassRecord(
@@ -189,7 +191,7 @@ class PassManager:
             ctx.cache.clear()  # analyses of the old graph are stale
             ir.mark_changed(graph)
             self._generation += 1
-            _, sigs1 = lineage.mark(graph, sigs, p.name)
+            _, sigs1 = lineage.mark(graph, sigs, p.name, nodes)
             self._cached = (graph, hist1, rec.const_bytes_after, sigs1)
         self.report.passes.append(rec)
         for ins in self.instruments:
