@@ -52,17 +52,19 @@ def _signature(n: gs.Node) -> tuple:
     )
 
 
-def snapshot(graph: gs.Graph) -> dict[int, tuple[gs.Node, tuple]]:
-    """Node signatures before a pass. Holds the nodes so their ids cannot be reused during the pass."""
-    return {id(n): (n, _signature(n)) for n in all_nodes(graph)}
+def snapshot(graph: gs.Graph, nodes: list[gs.Node] | None = None) -> dict[int, tuple[gs.Node, tuple]]:
+    """Node signatures before a pass. Holds the nodes so their ids cannot be reused during the pass.
+    ``nodes`` is ``all_nodes(graph)`` when the caller has it."""
+    return {id(n): (n, _signature(n)) for n in (all_nodes(graph) if nodes is None else nodes)}
 
 
-def mark(graph: gs.Graph, before: dict[int, tuple[gs.Node, tuple]], pass_name: str) -> tuple[int, dict[int, tuple[gs.Node, tuple]]]:
+def mark(graph: gs.Graph, before: dict[int, tuple[gs.Node, tuple]], pass_name: str,
+         nodes: list[gs.Node] | None = None) -> tuple[int, dict[int, tuple[gs.Node, tuple]]]:
     """Tag the nodes that ``pass_name`` created or changed; returns how many, and the snapshot of the
     graph as it is now (so the next pass need not take it again)."""
     count = 0
     after: dict[int, tuple[gs.Node, tuple]] = {}
-    for n in all_nodes(graph):
+    for n in (all_nodes(graph) if nodes is None else nodes):
         sig = _signature(n)
         after[id(n)] = (n, sig)
         old = before.get(id(n))

@@ -15,7 +15,7 @@ from . import ir, lineage
 from .errors import GraphoptError
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import Element, Fixpoint, Pipeline, PresetRef, format_pass, parse_pipeline
-from .report import PassRecord, Report, constant_bytes, op_histogram
+from .report import PassRecord, Report, all_nodes, constant_bytes, op_histogram
 
 
 class PassCrashed(GraphoptError):
@@ -48,13 +48,15 @@ class Instrument:
 
 
 class _Node:
-    """A pipeline element with its pass instances built once."""
+    """A pipeline element with its pass instances built once.  Building the tree checks what
+    :meth:`Pipeline.validate` checks, in the same order, so the manager does not validate first."""
 
     def __init__(self, el: Element):
         if isinstance(el, PresetRef):
             self.kind = "seq"
             self.children = [_Node(e) for e in el.expand().elements]
         elif isinstance(el, Fixpoint):
+            el.check()
             self.kind = "fixpoint"
             self.max_iter = el.max_iter
             self.children = [_Node(e) for e in el.body]
@@ -62,7 +64,10 @@ class _Node:
             self.kind = "pass"
             self.pass_ = el.instantiate()
             self.text = format_pass(self.pass_)
-            self.clean_at: int | None = None  # graph generation this pass last ran on, changing nothing
+            self.idempotent = bool(getattr(self.pass_, "idempotent", False))
+            # the graph generation this pass left behind on its last run, if a run on that generation
+            # would change nothing: it found nothing to do, or changed the graph and is idempotent
+            self.done_at: int | None = None
 
 
 class PassManager:
@@ -74,7 +79,6 @@ class PassManager:
 
     def __init__(self, pipeline: str | Pipeline, instruments: Iterable[Instrument] = ()):
         self.pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-        self.pipeline.validate()
         self.instruments = list(instruments)
         self._root = [_Node(e) for e in self.pipeline.elements]
         self.report = Report(pipeline=str(self.pipeline))
@@ -109,10 +113,12 @@ class PassManager:
         changed = False
         for n in nodes:
             if n.kind == "pass":
-                if it is not None and it > 1 and n.clean_at == self._generation:
-                    continue  # in a fixpoint: nothing changed since this pass last found nothing to do
+                if it is not None and it > 1 and n.done_at == self._generation:
+                    continue  # in a fixpoint: nothing changed since this pass's last run, which left nothing to do
+                g0 = self._generation
                 graph, c = self._run_pass(n, graph, ctx, it)
-                n.clean_at = None if c else self._generation
+                # (a changed graph that an instrument then replaced is not the one this pass left)
+                n.done_at = self._generation if not c or (n.idempotent and self._generation == g0 + 1) else None
             elif n.kind == "seq":
                 graph, c = self._run_seq(n.children, graph, ctx, it)
             else:
@@ -131,7 +137,8 @@ class PassManager:
         """Op histogram, constant bytes and lineage signatures of ``graph``, computed once per change:
         a pass that reports no change leaves the graph as it was, so the next pass reuses them."""
         if self._cached is None or self._cached[0] is not graph:
-            self._cached = (graph, op_histogram(graph), constant_bytes(graph), lineage.snapshot(graph))
+            nodes = all_nodes(graph)  # (one walk for both)
+            self._cached = (graph, op_histogram(graph, nodes), constant_bytes(graph), lineage.snapshot(graph, nodes))
         return self._cached[1:]
 
     def _run_pass(self, n: _Node, graph: gs.Graph, ctx: PassContext, it: int | None) -> tuple[gs.Graph, bool]:
@@ -162,7 +169,8 @@ class PassManager:
         dt = time.perf_counter() - t0
         if not isinstance(result, PassResult):
             raise PassCrashed(p.name, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
-        hist1 = op_histogram(graph) if result.changed else hist0
+        nodes = all_nodes(graph) if result.changed else None
+        hist1 = op_histogram(graph, nodes) if result.changed else hist0
         delta = Counter(hist1)
         delta.subtract(hist0)
         rec = PassRecord(
@@ -183,7 +191,7 @@ class PassManager:
             ctx.cache.clear()  # analyses of the old graph are stale
             ir.mark_changed(graph)
             self._generation += 1
-            _, sigs1 = lineage.mark(graph, sigs, p.name)
+            _, sigs1 = lineage.mark(graph, sigs, p.name, nodes)
             self._cached = (graph, hist1, rec.const_bytes_after, sigs1)
         self.report.passes.append(rec)
         for ins in self.instruments:

@@ -41,10 +41,17 @@ class Pass(abc.ABC):
     Subclasses set ``name`` (the pipeline name, e.g. ``"fuse-conv-bn"``), ``exact`` (False for lossy
     passes, which are verified against a budget instead of a tight tolerance) and ``Options`` (a frozen
     dataclass; field ``size_limit`` is spelled ``size-limit`` in pipelines).
+
+    ``idempotent`` is a promise: run again right after itself, on the graph it left, the pass changes
+    nothing (and leaves the graph as it is).  A fixpoint then does not run it again until another pass
+    changed the graph.  Declare it only where it holds for every graph: a pass that may leave work
+    for a second run of its own (a rewrite that enables another rewrite it has already walked past)
+    is not idempotent, even if a fixpoint around it converges.
     """
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @dataclass(frozen=True)

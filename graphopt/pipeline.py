@@ -51,6 +51,17 @@ class Fixpoint:
     def max_iter(self) -> int:
         return int(self.raw_options.get("max-iter", "8"))
 
+    def check(self) -> None:
+        """The fixpoint's own part of :meth:`Pipeline.validate` (its body not included)."""
+        if not self.body:
+            raise PipelineError("fixpoint() needs at least one pass")
+        try:
+            mi = self.max_iter
+        except ValueError:
+            raise PipelineError(f"fixpoint max-iter must be a whole number, got {self.raw_options['max-iter']!r}") from None
+        if mi < 1 or set(self.raw_options) - {"max-iter"}:
+            raise PipelineError(f"fixpoint takes only max-iter>=1, got {self.raw_options}")
+
 
 @dataclass
 class PresetRef:
@@ -71,6 +82,10 @@ class Pipeline:
 
     def __str__(self) -> str:
         return format_pipeline(self)
+
+    def copy(self) -> "Pipeline":
+        """An equal pipeline that shares no mutable part with this one."""
+        return Pipeline(_copy(self.elements))
 
     def flatten(self) -> "Pipeline":
         """The same pipeline with presets expanded."""
@@ -99,19 +114,24 @@ class Pipeline:
                 if isinstance(e, PassSpec):
                     e.instantiate()
                 elif isinstance(e, Fixpoint):
-                    if not e.body:
-                        raise PipelineError("fixpoint() needs at least one pass")
-                    try:
-                        mi = e.max_iter
-                    except ValueError:
-                        raise PipelineError(f"fixpoint max-iter must be a whole number, got {e.raw_options['max-iter']!r}") from None
-                    if mi < 1 or set(e.raw_options) - {"max-iter"}:
-                        raise PipelineError(f"fixpoint takes only max-iter>=1, got {e.raw_options}")
+                    e.check()
                     walk(e.body)
                 else:
                     walk(e.expand().elements)
 
         walk(self.elements)
+
+
+def _copy(els: list[Element]) -> list[Element]:
+    out: list[Element] = []
+    for e in els:
+        if isinstance(e, PassSpec):
+            out.append(PassSpec(e.name, dict(e.raw_options)))
+        elif isinstance(e, Fixpoint):
+            out.append(Fixpoint(_copy(e.body), dict(e.raw_options)))
+        else:
+            out.append(PresetRef(e.name))
+    return out
 
 
 def _flatten(els: list[Element]) -> list[Element]:

@@ -6,6 +6,8 @@ registered; each pass family adds itself to the preset it belongs to here.
 """
 from __future__ import annotations
 
+import functools
+
 from .errors import PipelineError
 
 # fuse-silu is registered but not in -O2: its target op (Swish, opset 24) has no onnxruntime CPU kernel
@@ -24,9 +26,16 @@ PRESETS: dict[str, str] = {
 
 
 def preset_pipeline(name: str):
-    from .pipeline import parse_pipeline
-
+    """The preset's pipeline, a fresh copy each call (callers may edit it); the text is parsed once."""
     key = name.upper().lstrip("-")
     if key not in PRESETS:
         raise PipelineError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
-    return parse_pipeline(PRESETS[key])
+    return _parsed(PRESETS[key]).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(text: str):
+    """Keyed by the text, so a preset edited in ``PRESETS`` is parsed again; never handed out itself."""
+    from .pipeline import parse_pipeline
+
+    return parse_pipeline(text)

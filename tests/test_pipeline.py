@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Fixpoint, PassSpec, PresetRef, parse_pipeline, parse_size
-from graphopt.presets import PRESETS
+from graphopt.manager import PassManager
+from graphopt.presets import PRESETS, preset_pipeline
 
 CANONICAL = [
     "dce",
@@ -71,6 +72,38 @@ def test_preset_expands_and_prints_by_name():
 def test_errors(text, msg):
     with pytest.raises(PipelineError, match=re.escape(msg)):
         parse_pipeline(text).validate()
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("no-such-pass", "unknown pass 'no-such-pass'"),
+    ("fold-constants{nope=1}", "has no option 'nope'"),
+    ("fixpoint{max-iter=0}(dce)", "max-iter"),
+    ("fixpoint{max-iter=x}(dce)", "whole number"),
+    ("fixpoint{nope=1}(dce)", "only max-iter"),
+    ("dce,fixpoint(cse,fixpoint{max-iter=0}(no-such-pass))", "max-iter"),  # the first problem in order
+])
+def test_the_pass_manager_refuses_what_validate_refuses(text, msg):
+    # (the manager checks while it builds its passes, instead of validating first)
+    with pytest.raises(PipelineError, match=re.escape(msg)):
+        PassManager(parse_pipeline(text))
+    with pytest.raises(PipelineError, match=re.escape(msg)):
+        PassManager(text)
+
+
+def test_a_preset_is_a_fresh_pipeline_each_time():
+    a = preset_pipeline("O1")
+    a.elements[0].body.append(PassSpec("dce"))
+    a.elements[0].raw_options["max-iter"] = "1"
+    b = preset_pipeline("O1")
+    assert str(b) == PRESETS["O1"]
+    assert b.elements[0] is not a.elements[0]
+    assert str(b.copy()) == str(b) and b.copy() == b and b.copy().elements[0].body[0] is not b.elements[0].body[0]
+
+
+def test_an_edited_preset_is_parsed_again(monkeypatch):
+    preset_pipeline("O1")
+    monkeypatch.setitem(PRESETS, "O1", "dce")
+    assert str(preset_pipeline("O1")) == "dce"
 
 
 def test_sizes():

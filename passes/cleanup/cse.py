@@ -124,6 +124,7 @@ def _attrs_key(n: gs.Node) -> tuple | None:
 @register_pass
 class CommonSubexpressionElimination(Pass):
     name = "cse"
+    idempotent = True  # merges run in topological order, so a second run meets no new duplicates
     description = "merge identical initializers (by content) and identical nodes on identical inputs"
 
     @dataclass(frozen=True)

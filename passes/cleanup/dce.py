@@ -48,6 +48,7 @@ def _all_live(graph: gs.Graph) -> bool:
 @register_pass
 class DeadCodeElimination(Pass):
     name = "dce"
+    idempotent = True
     description = "remove nodes, initializers and value_info that no graph output depends on"
 
     @dataclass(frozen=True)
