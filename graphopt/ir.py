@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -45,7 +46,7 @@ class Source:
     in them (``(start, end)``, or None): weights read from here cost no copy (upb copies a bytes field
     on every read, and on this machine a fresh 20 MB buffer costs ~15 ms in page faults alone)."""
 
-    data: bytes
+    data: bytes | mmap.mmap  # (a file mapped into memory: see _read)
     spans: list[tuple[int, int] | None]
     whole: bool = True  # the file holds every weight (no external data)
     # initializers whose raw_data the model (a skeleton: see load_with_source) still holds empty:
@@ -108,15 +109,11 @@ def load_with_source(src: ModelLike, *, check: bool = True,
             raise InputError(f"{path}: no such file")
         if path.is_dir():
             raise InputError(f"{path}: is a directory, not an ONNX file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InputError(f"{path}: cannot read: {e.strerror}") from None
-        if not data:
-            raise InputError(f"{path}: empty file")
+        data = _read(path, mapped=skeleton)
         model, cut = _parse(data, str(path), skeleton)
         base_dir = path.parent
-        external = uses_external_data(model)
+        # (a skeleton holds every byte but big weights': no external data entry ("location") in it, none)
+        external = (not cut or b"location" in cut[0]) and uses_external_data(model)
         if external:
             for t in onnx.external_data_helper._get_all_tensors(model):
                 if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -144,6 +141,22 @@ def load_with_source(src: ModelLike, *, check: bool = True,
     return model, source
 
 
+def _read(path: Path, mapped: bool) -> bytes | mmap.mmap:
+    """The bytes of the file ``path``; ``mapped``: mapped into memory rather than read (the weights a
+    skeleton leaves out are then read from the page cache only where used, and never copied on the
+    way in: LLVM reads its inputs the same way).  One-line errors."""
+    try:
+        with open(path, "rb") as f:
+            if mapped and os.fstat(f.fileno()).st_size > 0:
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if not data:
+        raise InputError(f"{path}: empty file")
+    return data
+
+
 def _parse(data: bytes, what: str, skeleton: bool) -> tuple[onnx.ModelProto, tuple | None]:
     """The model in ``data``, and with ``skeleton``, when one is worth it and usable, as a skeleton:
     then also what :func:`graphopt.wire.skeleton` returned."""
@@ -151,11 +164,11 @@ def _parse(data: bytes, what: str, skeleton: bool) -> tuple[onnx.ModelProto, tup
     if skeleton and len(data) <= SOURCE_LIMIT and importer.LITTLE_ENDIAN:
         cut = wire.skeleton(data, LIGHT_BYTES)
     if not cut or not cut[2]:
-        return _parse_bytes(data, what), None
+        return _parse_bytes(data if isinstance(data, bytes) else memoryview(data), what), None
     model = _parse_bytes(cut[0], what)
     if _skeleton_usable(model, cut[2]):
         return model, cut
-    return _parse_bytes(data, what), None
+    return _parse_bytes(data if isinstance(data, bytes) else memoryview(data), what), None
 
 
 def _skeleton_usable(model: onnx.ModelProto, stripped: list[int]) -> bool:

@@ -555,3 +555,23 @@ def test_optimize_without_verification_reads_a_skeleton_and_writes_the_same_mode
     assert _canonical(onnx.load(tmp_path / "off.onnx")) == _canonical(onnx.load(tmp_path / "end.onnx"))
     assert _canonical(off.model) == _canonical(end.model)
     onnx.checker.check_model(off.model, full_check=True)
+
+
+def test_a_skeleton_is_read_from_a_mapped_file_and_keeps_external_weights_external(tmp_path):
+    m = _skeleton_model()
+    half = m.graph.initializer[1]
+    (tmp_path / "half.bin").write_bytes(half.raw_data)
+    onnx.external_data_helper.set_external_data(half, "half.bin", offset=0, length=len(half.raw_data))
+    half.data_location = onnx.TensorProto.EXTERNAL
+    half.ClearField("raw_data")
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    skel, source = ir.load_with_source(path, skeleton=True)
+    assert source.stripped == {0} and not source.whole  # "big" left out; "half" read from its file
+    assert bytes(source.data) == path.read_bytes()
+    res = graphopt.optimize(path, "O1", verify="off", output=tmp_path / "out.onnx")
+    expected = graphopt.optimize(path, "O1", verify="end").model  # (no skeleton)
+    got = onnx.load(tmp_path / "out.onnx")
+    weights = lambda model: {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    assert weights(got) == weights(expected) == weights(res.model)
+    assert "h" in weights(got)  # (the Cast of the external weight was folded)
