@@ -121,6 +121,16 @@ def contrib_functions(model: onnx.ModelProto) -> list[onnx.FunctionProto]:
     return out
 
 
+def _tensor_type(tp: onnx.TypeProto) -> tuple[int, list | None] | None:
+    """(elem_type, dims or None when the rank is unknown) of a tensor type; None for other types."""
+    if tp.WhichOneof("value") != "tensor_type":
+        return None
+    tt = tp.tensor_type
+    if not tt.HasField("shape"):
+        return tt.elem_type, None
+    return tt.elem_type, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+
 def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None = None,
                  light: onnx.ModelProto | None = None) -> int:
     """Infer dtypes and shapes and write them onto the graph's tensors; returns how many were set.
@@ -143,29 +153,31 @@ def infer_shapes(graph: gs.Graph, ctx=None, *, template: onnx.ModelProto | None 
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:
         return 0
-    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     n = 0
     tensors = ir.tensor_map(graph)
     io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
     Variable = gs.Variable
-    decoded: dict[bytes, list] = {}
-    for name, vi in infos.items():
-        t = tensors.get(name)
-        if type(t) is not Variable or id(t) in io or vi.type.WhichOneof("value") != "tensor_type":
+    decoded: dict[bytes, tuple | None] = {}  # many tensors share a type: decode each type once
+    # (inference's graph.output entries are the graph outputs, whose declared types stay as they are)
+    for vi in inferred.graph.value_info:
+        t = tensors.get(vi.name)
+        if type(t) is not Variable or id(t) in io:
             continue  # the model's declared signature is not inference's to change
-        tt = vi.type.tensor_type
+        tp = vi.type
+        key = tp.SerializeToString()
+        try:
+            found = decoded[key]
+        except KeyError:
+            found = decoded[key] = _tensor_type(tp)
+        if found is None:
+            continue
+        elem_type, dims = found
         attrs = t.__dict__  # (gs's Tensor.__setattr__ costs a Python call per attribute)
-        if tt.elem_type and attrs["dtype"] is None:
-            attrs["dtype"] = _np_dtype(tt.elem_type)
-        if tt.HasField("shape"):
-            sp = tt.shape
-            key = sp.SerializeToString()  # many tensors share a shape: decode each shape once
-            dims = decoded.get(key)
-            if dims is None:
-                dims = decoded[key] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in sp.dim]
-            if attrs["shape"] != dims:
-                attrs["shape"] = list(dims)
-                n += 1
+        if elem_type and attrs["dtype"] is None:
+            attrs["dtype"] = _np_dtype(elem_type)
+        if dims is not None and attrs["shape"] != dims:
+            attrs["shape"] = list(dims)
+            n += 1
     if ctx is not None:
         ctx.cache["shapes_inferred"] = graph
     return n

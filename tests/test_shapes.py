@@ -46,3 +46,22 @@ def test_stand_ins_only_where_they_describe_every_node():
     assert shapes.contrib_functions(m) == []  # qkv_hidden_sizes: the value width need not be the input's
     del m.graph.node[0].attribute[1]
     assert [f.name for f in shapes.contrib_functions(m)] == ["Attention"]
+
+
+def test_tensors_of_one_type_get_shapes_of_their_own():
+    # inference decodes each distinct type once: the tensors sharing it must not share a shape list
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4] x, int64[3] s) => (float[N,4] y, int64[3] z) {
+        a = Relu(x)
+        b = Sigmoid(a)
+        y = Tanh(b)
+        z = Identity(s)
+    }""")
+    g = ir.import_model(m)
+    a, b = g.nodes[0].outputs[0], g.nodes[1].outputs[0]
+    assert shapes.infer_shapes(g, template=m) == 2
+    assert a.shape == b.shape == ["N", 4] and a.shape is not b.shape and a.dtype == b.dtype == np.float32
+    a.shape[1] = 5
+    assert b.shape == ["N", 4]
+    assert g.outputs[0].shape == ["N", 4] and g.outputs[1].shape == [3]  # declared, as they were

@@ -39,37 +39,77 @@ def _mergeable(t: gs.Constant) -> bool:
         return False
 
 
-def _lazy_meta(t: gs.Constant) -> tuple:
+_SAMPLE = 256  # bytes from each end of a constant in its fingerprint
+
+
+class _Facts:
+    """What cse knows of one constant's values, kept on the constant across passes (and fixpoint
+    iterations) for as long as it holds the very same values object: passes give a constant new
+    values by assigning a new object, never by writing into the old one."""
+
+    __slots__ = ("values", "meta", "sample", "digest")
+
+    def __init__(self, values, meta: tuple):
+        self.values = values  # holding the values object keeps its id from being reused
+        self.meta = meta
+        self.sample: bytes | None = None
+        self.digest: bytes | None = None
+
+
+def _meta(t: gs.Constant) -> tuple:
     v = t._values
     return (v.dtype, tuple(v.shape), t._export_dtype)
 
 
-def _cached(t: gs.Constant, key: str, fn):
-    """Per-constant memo, valid while the constant keeps the same values object."""
-    memo = t.__dict__.setdefault("_graphopt_cse", {})
-    k = (key, id(t._values))
-    if k not in memo:
-        memo.clear() if len(memo) > 4 else None
-        memo[k] = (t._values, fn(t))  # holding the values object keeps its id from being reused
-    return memo[k][1]
+def _facts(t: gs.Constant) -> _Facts:
+    f = t.__dict__.get("_graphopt_cse")
+    if f is None or f.values is not t._values or f.meta[2] is not t._export_dtype:
+        f = _Facts(t._values, _meta(t))
+        t.__dict__["_graphopt_cse"] = f
+    return f
 
 
-def _sample(t: gs.Constant) -> bytes:
-    return _cached(t, "sample", _sample_uncached)
+def _read(t: gs.Constant, f: _Facts) -> None:
+    """After reading ``t``'s values, which may have loaded them: the same values in a new object."""
+    if f.values is not t._values:
+        f.values = t._values
+        f.meta = _meta(t)
+
+
+def _sample(t: gs.Constant, f: _Facts) -> bytes:
+    if f.sample is None:
+        f.sample = _sample_uncached(t)
+        _read(t, f)
+    return f.sample
 
 
 def _sample_uncached(t: gs.Constant) -> bytes:
-    """A cheap fingerprint (a few hundred bytes from both ends) that does not decode lazy weights."""
+    """A cheap fingerprint (``_SAMPLE`` bytes from both ends) that does not decode lazy weights; for a
+    constant of at most ``2 * _SAMPLE`` bytes it holds every byte, so equal samples mean equal values."""
     v = t._values
     raw = getattr(v, "raw", None)  # the weight's bytes in the file (no copy)
     if raw is not None:
-        return bytes(raw[:256]) + bytes(raw[-256:])
+        return bytes(raw[:_SAMPLE]) + bytes(raw[-_SAMPLE:])
     proto = getattr(v, "tensor", None)
     if proto is not None and proto.HasField("raw_data"):
         raw = proto.raw_data
-        return raw[:256] + raw[-256:]
+        return raw[:_SAMPLE] + raw[-_SAMPLE:]
     a = np.ascontiguousarray(np.asarray(t.values)).view(np.uint8).reshape(-1)
-    return a[:256].tobytes() + a[-256:].tobytes()
+    return a[:_SAMPLE].tobytes() + a[-_SAMPLE:].tobytes()
+
+
+def _content_digest(t: gs.Constant, f: _Facts) -> bytes:
+    if f.digest is None:
+        f.digest = _digest(ir.const_view(t))
+        _read(t, f)
+    return f.digest
+
+
+def _nbytes(meta: tuple) -> int:
+    n = np.dtype(meta[0]).itemsize
+    for d in meta[1]:
+        n *= d
+    return n
 
 
 def _digest(arr: np.ndarray) -> bytes:
@@ -161,25 +201,32 @@ class CommonSubexpressionElimination(Pass):
                 if isinstance(t, gs.Constant) and id(t) not in all_io and id(t) not in seen \
                         and _mergeable(t) and all(id(c) in own for c in t.outputs):
                     seen[id(t)] = t
-        groups: dict[tuple, list[gs.Constant]] = {}
+        groups: dict[tuple, list[tuple[gs.Constant, _Facts]]] = {}
         for t in seen.values():
-            groups.setdefault(_lazy_meta(t), []).append(t)
+            f = _facts(t)
+            groups.setdefault(f.meta, []).append((t, f))
         for meta in [m for m, ts in groups.items() if len(ts) > 1]:
-            for t in groups.pop(meta):
-                groups.setdefault(meta + (_sample(t),), []).append(t)
+            for t, f in groups.pop(meta):
+                groups.setdefault(meta + (_sample(t, f),), []).append((t, f))
         changed = False
         for meta, ts in groups.items():
             if len(ts) < 2:
                 continue
+            whole = _nbytes(meta) <= 2 * _SAMPLE  # the sample is the values: the group is all equal
             by_digest: dict[bytes, gs.Constant] = {}
-            for t in ts:
-                a = ir.const_view(t)
-                d = _digest(a)
+            for t, f in ts:
+                if whole:
+                    # (read anyway: lineage sees a constant whose values were loaded as changed, and the
+                    # output's metadata must not depend on this shortcut)
+                    ir.const_view(t)
+                    _read(t, f)
+                d = b"" if whole else _content_digest(t, f)
                 keep = by_digest.get(d)
                 if keep is None:
                     by_digest[d] = t
                     continue
-                if not np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(ir.const_view(keep)).view(np.uint8)):
+                if not whole and not np.array_equal(np.ascontiguousarray(ir.const_view(t)).view(np.uint8),
+                                                    np.ascontiguousarray(ir.const_view(keep)).view(np.uint8)):
                     continue
                 if not ctx.allow_rewrite(f"merge initializer {t.name} into {keep.name}"):
                     self._stop = True

@@ -105,3 +105,38 @@ g (int64 n, float[2] x) => (float[2] y) {
     assert out.stats["nodes_merged"] == 1
     feeds = [{"n": np.array(3, np.int64), "x": np.array([0.5, 2.0], np.float32)}]
     passes.check(m, out.model, feeds)
+
+
+def _two_weight_graph(w1: np.ndarray, w2: np.ndarray):
+    import onnx_graphsurgeon as gs
+
+    x = gs.Variable("x", np.float32, list(w1.shape))
+    c1, c2 = gs.Constant("w1", w1), gs.Constant("w2", w2)
+    a, b, y = (gs.Variable(n, np.float32, list(w1.shape)) for n in ("a", "b", "y"))
+    nodes = [gs.Node("Add", inputs=[x, c1], outputs=[a]), gs.Node("Add", inputs=[x, c2], outputs=[b]),
+             gs.Node("Mul", inputs=[a, b], outputs=[y])]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17), c1, c2
+
+
+@pytest.mark.parametrize("size", [8, 1000])  # all of it in the fingerprint / only its ends
+def test_constant_given_new_values_is_compared_again(size):
+    """cse remembers what it learnt of a constant's values between runs; a constant given new values
+    (a new values object) must be compared on those."""
+    from graphopt import PassContext
+    from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
+
+    w = np.zeros(size, np.float32)
+    other = w.copy()
+    other[size // 2] = 1.0  # same ends, different middle
+    graph, c1, c2 = _two_weight_graph(w, other)
+    cse = CommonSubexpressionElimination()
+    assert not cse.run(graph, PassContext()).changed
+    c2.values = w.copy()  # now equal to w1
+    r = cse.run(graph, PassContext())
+    assert r.changed and r.stats["initializers_merged"] == 1
+    assert not c2.outputs and all(n.inputs[1] is c1 for n in c1.outputs)
+
+    graph, c1, c2 = _two_weight_graph(w, w.copy())
+    assert not cse.run(graph, PassContext(rewrite_limit=0)).changed  # looked at, but not merged
+    c2.values = other
+    assert not cse.run(graph, PassContext()).changed
