@@ -189,9 +189,12 @@ def _attributes(node: onnx.NodeProto) -> OrderedDict | None:
     return out
 
 
-def import_onnx(model: onnx.ModelProto, source=None) -> gs.Graph:
+def import_onnx(model: onnx.ModelProto, source=None, pairs: list | None = None) -> gs.Graph:
     """The ``gs.Graph`` that ``gs.import_onnx(model)`` returns, built faster.  ``source`` (a
-    :class:`graphopt.ir.Source` of ``model``) lets weights be read without copying them."""
+    :class:`graphopt.ir.Source` of ``model``) lets weights be read without copying them.  ``pairs``:
+    a list to append ``(node, NodeProto, plain)`` to for each top-level node, in order; ``plain``: the
+    node was built here, from attributes of the plain kinds only (so no subgraph, nothing gs skips),
+    and its inputs and outputs are the tensors named in the proto."""
     g = model.graph
     opset = OnnxImporter.get_opset(model)
     domains = OnnxImporter.get_import_domains(model)
@@ -231,6 +234,8 @@ def import_onnx(model: onnx.ModelProto, source=None) -> gs.Graph:
             node = OnnxImporter.import_node(pn, OrderedDict(), tensors, opset, domains)
             nodes.append(node)
             by_gs.append(node)
+            if pairs is not None:
+                pairs.append((node, pn, False))
             continue
         node = gs.Node.__new__(gs.Node)
         d = node.__dict__
@@ -253,6 +258,8 @@ def import_onnx(model: onnx.ModelProto, source=None) -> gs.Graph:
             list.append(t.inputs, node)
         d["domain"] = pn.domain if pn.HasField("domain") else None
         nodes.append(node)
+        if pairs is not None:
+            pairs.append((node, pn, True))
     # gs.Graph merges the function lists of subgraphs into its own: only gs-imported nodes have any.
     graph = gs.Graph(nodes=by_gs, inputs=inputs, outputs=outputs, name=g.name, doc_string=g.doc_string,
                      opset=opset, import_domains=domains, producer_name=model.producer_name,

@@ -141,6 +141,9 @@ def load_with_source(src: ModelLike, *, check: bool = True,
     return model, source
 
 
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
+
+
 def _read(path: Path, mapped: bool) -> bytes | mmap.mmap:
     """The bytes of the file ``path``; ``mapped``: mapped into memory rather than read (the weights a
     skeleton leaves out are then read from the page cache only where used, and never copied on the
@@ -148,6 +151,9 @@ def _read(path: Path, mapped: bool) -> bytes | mmap.mmap:
     try:
         with open(path, "rb") as f:
             if mapped and os.fstat(f.fileno()).st_size > 0:
+                if _POPULATE:  # its pages mapped now, in one go: faulting them in one by one later
+                    # (when the output is written from them) cost twice as much as reading the file
+                    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
                 return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             data = f.read()
     except (OSError, ValueError) as e:
@@ -463,12 +469,14 @@ def import_model(model: onnx.ModelProto, source: Source | None = None) -> gs.Gra
     (from :func:`load_with_source`) they are read from the file's bytes (:func:`const_view`)."""
     with _gc_paused():
         try:
-            graph = importer.import_onnx(model, source)
+            pairs: list[tuple[gs.Node, onnx.NodeProto, bool]] = []
+            graph = importer.import_onnx(model, source, pairs)
         except Exception as e:  # gs raises plain exceptions on odd models
             raise InputError(f"cannot import the model into the IR: {type(e).__name__}: {e}") from None
-        _import_what_gs_skips(model.graph, graph, model.ir_version)
-        lineage.from_proto(graph, model.graph)  # which pass made each node, if graphopt wrote this model
-        _remember_source(graph, model)
+        # (each of these walked every NodeProto again; upb makes a Python object per field read)
+        _import_what_gs_skips(model.graph, graph, model.ir_version, pairs)
+        lineage.from_proto(graph, model.graph, pairs)  # which pass made each node, if graphopt wrote this model
+        _remember_source(graph, model, pairs)
     return graph
 
 
@@ -494,19 +502,24 @@ def _attr_key(k: str, v: Any) -> tuple:
     return (k, id(v))
 
 
-def _remember_source(graph: gs.Graph, model: onnx.ModelProto) -> None:
+def _remember_source(graph: gs.Graph, model: onnx.ModelProto, pairs: list | None = None) -> None:
     """Keep, on the imported graph, the model it came from (until a pass changes the graph: see
     :func:`pristine_source`) and each top-level node's NodeProto with what it was imported as, so
-    that export can write the nodes no pass touched by copying their protos (:func:`export_nodes`)."""
+    that export can write the nodes no pass touched by copying their protos (:func:`export_nodes`).
+    ``pairs``: from :func:`graphopt.importer.import_onnx`."""
     graph.__dict__[_PRISTINE] = model
-    if len(model.graph.node) != len(graph.nodes):
-        return
+    if pairs is None:
+        if len(model.graph.node) != len(graph.nodes):
+            return
+        pairs = [(n, p, False) for n, p in zip(graph.nodes, model.graph.node)]
     src = {}
-    for n, p in zip(graph.nodes, model.graph.node):
-        if n.op != p.op_type or any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
-                                    for v in n.attrs.values()):
-            continue
-        src[id(n)] = (n, p, _node_key(n))
+    for n, p, plain in pairs:
+        if plain:  # (its key from the proto's name lists: the same lists, made in C)
+            src[id(n)] = (n, p, (n.op, n.domain, n.name, list(p.input), list(p.output),
+                                 [_attr_key(k, v) for k, v in n.attrs.items()] if n.attrs else None))
+        elif n.op == p.op_type and not any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
+                                           for v in n.attrs.values()):
+            src[id(n)] = (n, p, _node_key(n))
     graph.__dict__[_SOURCE_NODES] = src
 
 
@@ -713,7 +726,7 @@ def _dtype_to_onnx(dtype: Any) -> int:
     return code
 
 
-def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int) -> None:
+def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: int, pairs: list | None = None) -> None:
     """Put back what ``gs.import_onnx`` leaves out.
 
     * Attributes of type TYPE_PROTO(S) (``Optional``'s ``type``): gs skips them with a warning, which
@@ -723,20 +736,25 @@ def _import_what_gs_skips(proto: onnx.GraphProto, graph: gs.Graph, ir_version: i
       inputs.  From IR 4 on they are overridable inputs with a default value, so they are imported as
       Variable graph inputs (passes must not fold or fuse them); under IR 3, where every initializer
       must be listed, they stay constants, and the unused ones stay graph inputs.
+
+    ``pairs`` (from :func:`graphopt.importer.import_onnx`): only the nodes gs imported need a look.
     """
-    if len(proto.node) == len(graph.nodes):
-        for pn, gn in zip(proto.node, graph.nodes):
-            if pn.op_type != gn.op:
-                break
-            if len(pn.attribute) == len(gn.attrs) and not any(isinstance(v, gs.Graph) for v in gn.attrs.values()):
-                continue  # gs took every attribute, and there is no subgraph to look into
-            for a in pn.attribute:
-                if a.type == onnx.AttributeProto.TYPE_PROTO and a.name not in gn.attrs:
-                    gn.attrs[a.name] = a.tp
-                elif a.type == onnx.AttributeProto.TYPE_PROTOS and a.name not in gn.attrs:
-                    gn.attrs[a.name] = list(a.type_protos)
-                elif a.type == onnx.AttributeProto.GRAPH and isinstance(gn.attrs.get(a.name), gs.Graph):
-                    _import_what_gs_skips(a.g, gn.attrs[a.name], ir_version)
+    if pairs is not None:
+        todo = [(pn, gn) for gn, pn, plain in pairs if not plain]
+    else:
+        todo = list(zip(proto.node, graph.nodes)) if len(proto.node) == len(graph.nodes) else []
+    for pn, gn in todo:
+        if pn.op_type != gn.op:
+            break
+        if len(pn.attribute) == len(gn.attrs) and not any(isinstance(v, gs.Graph) for v in gn.attrs.values()):
+            continue  # gs took every attribute, and there is no subgraph to look into
+        for a in pn.attribute:
+            if a.type == onnx.AttributeProto.TYPE_PROTO and a.name not in gn.attrs:
+                gn.attrs[a.name] = a.tp
+            elif a.type == onnx.AttributeProto.TYPE_PROTOS and a.name not in gn.attrs:
+                gn.attrs[a.name] = list(a.type_protos)
+            elif a.type == onnx.AttributeProto.GRAPH and isinstance(gn.attrs.get(a.name), gs.Graph):
+                _import_what_gs_skips(a.g, gn.attrs[a.name], ir_version)
     inits = {t.name: t for t in proto.initializer}
     listed = [vi for vi in proto.input if vi.name in inits]
     if not listed:

@@ -87,9 +87,13 @@ def _pairs(graph: gs.Graph, proto: onnx.GraphProto):
         return
     for n, p in zip(graph.nodes, proto.node):
         yield n, p
-        if not any(isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph))
-                   for v in n.attrs.values()):
-            continue
+        yield from _subgraph_pairs(n, p)
+
+
+def _subgraph_pairs(n: gs.Node, p: onnx.NodeProto):
+    """:func:`_pairs` of the subgraphs of node ``n`` (imported from ``p``)."""
+    if any(isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph))
+           for v in n.attrs.values()):
         pattrs = {a.name: a for a in p.attribute}
         for k, v in n.attrs.items():
             a = pattrs.get(k)
@@ -117,9 +121,19 @@ def to_proto(graph: gs.Graph, proto: onnx.GraphProto) -> None:
             p.metadata_props.add(key=CHAIN_KEY, value=",".join(chain))
 
 
-def from_proto(graph: gs.Graph, proto: onnx.GraphProto) -> None:
-    """Read tags written by :func:`to_proto` back onto the imported ``graph``."""
-    for n, p in _pairs(graph, proto):
+def _imported_pairs(pairs: list):
+    """:func:`_pairs` from the importer's ``(node, NodeProto, plain)`` list (a plain node has no
+    subgraph)."""
+    for n, p, plain in pairs:
+        yield n, p
+        if not plain:
+            yield from _subgraph_pairs(n, p)
+
+
+def from_proto(graph: gs.Graph, proto: onnx.GraphProto, pairs: list | None = None) -> None:
+    """Read tags written by :func:`to_proto` back onto the imported ``graph``.  ``pairs``: from
+    :func:`graphopt.importer.import_onnx`, when at hand."""
+    for n, p in (_pairs(graph, proto) if pairs is None else _imported_pairs(pairs)):
         if not len(p.metadata_props):
             continue
         meta = {e.key: e.value for e in p.metadata_props}
