@@ -52,6 +52,7 @@ class Source:
     # initializers whose raw_data the model (a skeleton: see load_with_source) still holds empty:
     # their bytes are only here
     stripped: set[int] = field(default_factory=set)
+    skeleton: bytes | None = None  # the skeleton's bytes (what the model was parsed from)
 
     def raw(self, i: int) -> memoryview | None:
         """The raw bytes of initializer ``i`` (read-only, no copy), if the file holds them."""
@@ -131,7 +132,7 @@ def load_with_source(src: ModelLike, *, check: bool = True,
         raise InputError(f"cannot load a model from {type(src).__name__}")
     source = None
     if cut:
-        source = Source(data, cut[1], whole=not external, stripped=set(cut[2]))
+        source = Source(data, cut[1], whole=not external, stripped=set(cut[2]), skeleton=cut[0])
     elif data is not None and len(data) <= SOURCE_LIMIT:
         spans = wire.raw_spans(data)
         if spans is not None and len(spans) == len(model.graph.initializer):
@@ -243,7 +244,8 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
     """
     try:
         _check_weights(model, what, data, source)
-        light = light_model(model)
+        # (a skeleton with external data has them loaded into the model since, not in its bytes)
+        light = light_model(model, serialized=source.skeleton if source is not None and source.whole else None)
         serialized = light.SerializeToString()
         if len(serialized) < _SIZE_LIMIT:
             onnx.checker.check_model(serialized)
@@ -277,17 +279,21 @@ def _is_heavy(t: onnx.TensorProto) -> bool:
 _light_kept: list = []
 
 
-def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.ModelProto:
+def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: bytes | None = None) -> onnx.ModelProto:
     """``model`` without its heavy weights: each becomes a graph input of the same type and shape (IR
     4 and later let an input stand for a weight; for IR 3 every initializer is an input anyway).
     Nodes, signature, value_info (unless ``value_info=False``), small initializers and subgraphs are
     copied as they are.  What the checker and shape inference see is the same model, at a fraction of
-    the bytes."""
+    the bytes.  ``serialized``: ``model`` serialized, when that is small (a skeleton's bytes): the
+    light model is then made from a parse of it, which costs a tenth of copying ``model`` field by
+    field."""
     kept = _light_kept[:]
     if kept:
         _light_kept.clear()
         if kept[0] is model and not value_info:
             return kept[1]
+    if serialized is not None:
+        return _light_from_copy(onnx.ModelProto.FromString(serialized), value_info)
     g = model.graph
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -316,6 +322,43 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True) -> onnx.Mode
             sp.SetInParent()
             for d in t.dims:
                 sp.dim.add().dim_value = d
+    return m
+
+
+# What light_model keeps of a model and of its graph (and the graph's initializers but heavy ones).
+_LIGHT_MODEL_FIELDS = {"ir_version", "opset_import", "functions", "producer_name", "producer_version", "domain",
+                       "model_version", "doc_string", "graph"}
+_LIGHT_GRAPH_FIELDS = {"name", "node", "input", "output", "value_info", "sparse_initializer", "initializer"}
+
+
+def _light_from_copy(m: onnx.ModelProto, value_info: bool) -> onnx.ModelProto:
+    """:func:`light_model` made by cutting down ``m``, a copy of the model."""
+    for f, _ in m.ListFields():
+        if f.name not in _LIGHT_MODEL_FIELDS:
+            m.ClearField(f.name)
+    g = m.graph
+    for f, _ in g.ListFields():
+        if f.name not in _LIGHT_GRAPH_FIELDS or (f.name == "value_info" and not value_info):
+            g.ClearField(f.name)
+    inits = g.initializer
+    heavy = [i for i, t in enumerate(inits) if _is_heavy(t)]
+    if not heavy:
+        return m
+    listed = {vi.name for vi in g.input}
+    for i in heavy:
+        t = inits[i]
+        if t.name in listed:
+            continue
+        vi = g.input.add()
+        vi.name = t.name
+        tt = vi.type.tensor_type
+        tt.elem_type = t.data_type
+        sp = tt.shape
+        sp.SetInParent()
+        for d in t.dims:
+            sp.dim.add().dim_value = d
+    for i in reversed(heavy):
+        del inits[i]
     return m
 
 

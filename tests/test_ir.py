@@ -575,3 +575,20 @@ def test_a_skeleton_is_read_from_a_mapped_file_and_keeps_external_weights_extern
     weights = lambda model: {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
     assert weights(got) == weights(expected) == weights(res.model)
     assert "h" in weights(got)  # (the Cast of the external weight was folded)
+
+
+@pytest.mark.parametrize("value_info", [True, False])
+def test_a_light_model_cut_from_a_skeleton_is_the_light_model(tmp_path, fixtures_dir, value_info):
+    m = _skeleton_model()
+    m.metadata_props.add(key="k", value="v")  # (a light model has no metadata)
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [4, 2048]))
+    for model in (m, onnx.load(fixtures_dir / "tiny_cnn.onnx")):
+        onnx.save(model, tmp_path / "m.onnx")
+        skel, source = ir.load_with_source(tmp_path / "m.onnx", skeleton=True, check=False)
+        assert source.skeleton is not None
+        cut = ir.light_model(skel, value_info=value_info, serialized=source.skeleton)
+        built = ir.light_model(model, value_info=value_info)
+        assert cut.graph == built.graph
+        for f, v in built.ListFields():  # (light_model sets empty strings and zeros, which cutting leaves unset)
+            assert f.name == "graph" or getattr(cut, f.name) == v
+        assert not cut.metadata_props
