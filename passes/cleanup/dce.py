@@ -23,12 +23,12 @@ def _count(graph: gs.Graph) -> tuple[int, int]:
     return len(nodes), len(consts)
 
 
-def _all_live(graph: gs.Graph) -> bool:
-    """True when ``cleanup()`` would find nothing to remove: every node feeds a graph output, no graph
-    input has a producer, and there are no subgraphs or functions (cleanup walks those itself).  A
-    walk from the outputs, ~30x cheaper than gs's cleanup on a graph where nothing is dead."""
+def _dead_nodes(graph: gs.Graph) -> list[gs.Node] | None:
+    """The nodes ``cleanup()`` would remove, in graph order, when the graph is a plain one: no graph
+    input has a producer, and there are no subgraphs or functions (cleanup walks those itself);
+    None for any other graph.  A walk from the outputs, ~30x cheaper than gs's cleanup."""
     if graph.functions or any(t.inputs for t in graph.inputs):
-        return False
+        return None
     live: set[int] = set()
     stack = [t for t in graph.outputs]
     while stack:
@@ -36,13 +36,14 @@ def _all_live(graph: gs.Graph) -> bool:
             if id(p) not in live:
                 live.add(id(p))
                 stack.extend(p.inputs)
+    dead = []
     for n in graph.nodes:
         if id(n) not in live:
-            return False
+            dead.append(n)
         for a in n.attrs.values():
             if isinstance(a, gs.Graph) or (isinstance(a, list) and a and isinstance(a[0], gs.Graph)):
-                return False
-    return True
+                return None
+    return dead
 
 
 @register_pass
@@ -60,10 +61,18 @@ class DeadCodeElimination(Pass):
         # after cleanup, so check the budget first and count the rewrite once something was removed.
         if ctx.rewrite_limit is not None and ctx.rewrites >= ctx.rewrite_limit:
             return PassResult(False, skipped=["graph: rewrite limit reached"])
-        if _all_live(graph):
+        dead = _dead_nodes(graph)
+        if dead is not None and not dead:
             return PassResult(False, {"nodes_removed": 0, "initializers_removed": 0})
         n0, c0 = _count(graph)
-        graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
+        if dead is not None:  # what cleanup does to a plain graph: keep the live nodes, unlink the others
+            gone = set(map(id, dead))
+            graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+            for n in dead:
+                n.inputs.clear()
+                n.outputs.clear()
+        else:
+            graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
         n1, c1 = _count(graph)
         changed = (n0, c0) != (n1, c1)
         if changed:

@@ -63,3 +63,15 @@ def test_dead_code_in_subgraph():
     assert res.changed and res.stats["nodes_removed"] == 1
     out = ir.export_graph(g, m)
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_a_plain_graph_loses_what_gs_cleanup_removes_and_its_tensors_forget_the_dead_nodes():
+    m = parse(DEAD)
+    ours, theirs = ir.import_model(m), ir.import_model(m)
+    get_pass("dce")().run(ours, PassContext())
+    theirs.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
+    assert [n.name or n.op for n in ours.nodes] == [n.name or n.op for n in theirs.nodes]
+    a = next(t for t in ours.tensors().values() if t.name == "a")
+    assert [n.op for n in a.outputs] == ["Add"]  # the dead Mul no longer reads it
+    assert "dead_w" not in ours.tensors()
+    assert ir.export_graph(ours, m) == ir.export_graph(theirs, m)
