@@ -30,10 +30,11 @@ def _attr_key(v: Any) -> Any:
     if type(v) in _PLAIN:
         return v
     if isinstance(v, (list, tuple)):
-        tv = tuple(v)
-        if all(type(x) in _PLAIN for x in tv):  # the common case: ints (pads, perm, axes...)
-            return tv
-        return tuple(_attr_key(x) for x in tv)
+        # An attribute list holds one kind (ints, floats, strings, tensors or graphs): plain values
+        # (pads, perm, axes...) compare by content, the others by identity.
+        if not v or type(v[0]) in _PLAIN:
+            return tuple(v)
+        return tuple(_attr_key(x) for x in v)
     return id(v)  # tensors, arrays, subgraphs: identity (a pass that replaces them makes a new object)
 
 
@@ -42,13 +43,16 @@ _Constant = gs.Constant
 
 def _signature(n: gs.Node) -> tuple:
     """What a pass can change of ``n``; compared with ``==`` only (the lists need no hashing)."""
+    ins = n.inputs
+    attrs = n.attrs
     return (
         n.op,
         n.domain,
+        tuple(map(id, ins)),
         # a Constant whose values were replaced in place (t.values = ...) counts as a change of its users
-        [(id(t), id(t._values)) if type(t) is _Constant else id(t) for t in n.inputs],
-        [id(t) for t in n.outputs],
-        [(k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in n.attrs.items()] if n.attrs else None,
+        [id(t._values) for t in ins if type(t) is _Constant],
+        tuple(map(id, n.outputs)),
+        [(k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in attrs.items()] if attrs else None,
     )
 
 
