@@ -1102,15 +1102,21 @@ def _subgraph_uses(node: gs.Node) -> list[gs.Tensor]:
 
 def is_topologically_sorted(graph: gs.Graph) -> bool:
     """True when every node comes after the producers of what it (and its subgraphs) reads."""
-    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    nodes = graph.nodes
+    pos = dict(zip(map(id, nodes), range(len(nodes))))
+    get = pos.get
     Graph = gs.Graph
-    for i, node in enumerate(graph.nodes):
+    for i, node in enumerate(nodes):
         ins = node.inputs
-        if node.attrs and any(type(a) is Graph for a in node.attrs.values()):
-            ins = list(ins) + _subgraph_uses(node)
+        attrs = node.attrs
+        if attrs:
+            for a in attrs.values():
+                if type(a) is Graph:
+                    ins = list(ins) + _subgraph_uses(node)
+                    break
         for t in ins:
-            for p in t.inputs:
-                j = pos.get(id(p))
+            for p in t.inputs:  # (at most one producer)
+                j = get(id(p))
                 if j is not None and j >= i:
                     return False
     return True
