@@ -431,7 +431,9 @@ def test_deferred_gc_restores_the_collector_and_leaves_a_users_freeze_alone():
             frozen = gc.get_freeze_count()
             with ir.deferred_gc():
                 [[] for _ in range(100)]
-            assert gc.get_freeze_count() == frozen  # the user's frozen objects stay frozen
+            # the user's frozen objects stay frozen (unfreezing would empty the permanent generation;
+            # a few of them may die meanwhile, e.g. in another thread: seen under pytest -n 2)
+            assert gc.get_freeze_count() >= frozen - 100
         finally:
             gc.unfreeze()
     finally:
