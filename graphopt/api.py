@@ -176,7 +176,7 @@ def optimize(
     report.input = str(src_path) if src_path else type(model).__name__
     # the file's size when the model came whole from one (external data is not in the file)
     size_before = len(source.data) if source is not None and source.whole else ir.approx_size(original)
-    report.before = model_summary(graph, size_before)
+    report.before = model_summary(graph, size_before, pm.summary(graph))
     t0 = time.perf_counter()
     try:
         graph = pm.run(graph, ctx)
@@ -201,7 +201,7 @@ def optimize(
     size_after = ir.approx_size(optimized)
     if unwritten:
         size_after += sum(a.nbytes for _, a in unwritten.tensors)  # (their protos hold no bytes yet)
-    report.after = model_summary(graph, size_after)
+    report.after = model_summary(graph, size_after, pm.summary(graph))
     lossy = any(not p.exact for p in pm.passes)
 
     verification = None

@@ -133,6 +133,13 @@ class PassManager:
             changed = changed or c
         return graph, changed
 
+    def summary(self, graph: gs.Graph) -> tuple[Counter, int]:
+        """The op histogram and constant bytes of ``graph`` (for the report's model summaries), from
+        the same cache as the passes' bookkeeping: before the run, the first pass reuses them; after
+        it, they are the last change's."""
+        hist, nbytes, _ = self._facts(graph)
+        return hist, nbytes
+
     def _facts(self, graph: gs.Graph):
         """Op histogram, constant bytes and lineage signatures of ``graph``, computed once per change:
         a pass that reports no change leaves the graph as it was, so the next pass reuses them."""

@@ -125,11 +125,14 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def model_summary(graph: gs.Graph, model_bytes: int | None = None) -> dict[str, Any]:
-    hist = op_histogram(graph)
+def model_summary(graph: gs.Graph, model_bytes: int | None = None,
+                  facts: tuple[Counter, int] | None = None) -> dict[str, Any]:
+    """Node count, constant bytes, model bytes and op histogram.  ``facts``: the graph's op histogram
+    and constant bytes, when the caller has them (:meth:`graphopt.manager.PassManager.summary`)."""
+    hist, nbytes = facts if facts is not None else (op_histogram(graph), constant_bytes(graph))
     return {
         "nodes": sum(hist.values()),
-        "const_bytes": constant_bytes(graph),
+        "const_bytes": nbytes,
         "model_bytes": model_bytes,
         "ops": dict(sorted(hist.items())),
     }
