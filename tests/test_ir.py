@@ -1,6 +1,8 @@
 """IR import/export: a round trip with no passes keeps everything the issue lists."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -594,3 +596,23 @@ def test_a_light_model_cut_from_a_skeleton_is_the_light_model(tmp_path, fixtures
         for f, v in built.ListFields():  # (light_model sets empty strings and zeros, which cutting leaves unset)
             assert f.name == "graph" or getattr(cut, f.name) == v
         assert not cut.metadata_props
+
+
+@pytest.mark.parametrize("how", ["rewritten", "replaced"])
+def test_an_input_file_rewritten_after_the_run_is_an_error_not_a_crash(tmp_path, how):
+    m = _skeleton_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    res = graphopt.optimize(path, "O1", verify="off")  # the weights stay in the mapped file until asked for
+    other = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    if how == "rewritten":  # in place (same inode, truncated): reading the old mapping would be SIGBUS
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(other.SerializeToString())
+        with pytest.raises(InputError, match="rewritten while graphopt was using it"):
+            res.model
+    else:  # renamed over: the mapping keeps the old file
+        onnx.save(other, tmp_path / "new.onnx")
+        os.replace(tmp_path / "new.onnx", path)
+        expected = graphopt.optimize(_skeleton_model(), "O1", verify="off").model
+        assert _canonical(res.model) == _canonical(expected)
