@@ -170,10 +170,13 @@ def _read(path: Path, mapped: bool) -> tuple[bytes | mmap.mmap, os.stat_result |
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if mapped and st.st_size > 0:
-                if _POPULATE:  # its pages mapped now, in one go: faulting them in one by one later
-                    # (when the output is written from them) cost twice as much as reading the file
-                    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ), st
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), st
+                try:
+                    if _POPULATE:  # its pages mapped now, in one go: faulting them in one by one later
+                        # (when the output is written from them) cost twice as much as reading the file
+                        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ), st
+                    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), st
+                except (OSError, ValueError):  # a file system that cannot map files: read it
+                    pass
             data = f.read()
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None

@@ -616,3 +616,18 @@ def test_an_input_file_rewritten_after_the_run_is_an_error_not_a_crash(tmp_path,
         os.replace(tmp_path / "new.onnx", path)
         expected = graphopt.optimize(_skeleton_model(), "O1", verify="off").model
         assert _canonical(res.model) == _canonical(expected)
+
+
+def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch):
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on a file system without it
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    path = tmp_path / "m.onnx"
+    onnx.save(_skeleton_model(), path)
+    model, source = ir.load_with_source(path, skeleton=True)
+    assert isinstance(source.data, bytes) and source.mapped is None and source.stripped == {0, 1}
+    res = graphopt.optimize(path, "O1", verify="off", output=tmp_path / "out.onnx")
+    assert _canonical(res.model) == _canonical(graphopt.optimize(_skeleton_model(), "O1", verify="off").model)
