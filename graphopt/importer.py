@@ -136,7 +136,7 @@ def constant(t: onnx.TensorProto, raw: memoryview | None = None, source=None, in
     else:
         lv = RawValues.__new__(RawValues) if viewable else LazyValues.__new__(LazyValues)
         lv.tensor = t
-    lv.shape = t.dims
+    lv.shape = list(t.dims)  # (gs keeps the proto's dims container: every read of it goes through upb)
     lv.dtype = dtype
     lv.nbytes = nbytes
     c = gs.Constant.__new__(gs.Constant)

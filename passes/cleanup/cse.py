@@ -31,11 +31,24 @@ _NUMERIC = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int6
                                   np.uint64, np.float16, np.float32, np.float64)}
 
 
+_IS_NUMERIC: dict = {}  # dtype (as a Constant holds it) -> in _NUMERIC
+
+
 def _mergeable(t: gs.Constant) -> bool:
     """Plain numeric values that export back exactly (no strings, no bfloat16/float8 re-typing)."""
+    if t._export_dtype is not None:
+        return False
+    dtype = t._values.dtype
     try:
-        return t._export_dtype is None and np.dtype(t._values.dtype) in _NUMERIC
-    except TypeError:
+        return _IS_NUMERIC[dtype]
+    except KeyError:
+        try:
+            ok = np.dtype(dtype) in _NUMERIC
+        except TypeError:
+            ok = False
+        _IS_NUMERIC[dtype] = ok
+        return ok
+    except TypeError:  # (an unhashable dtype)
         return False
 
 
