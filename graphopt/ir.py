@@ -335,15 +335,20 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: 
         if not _is_heavy(t):
             lg.initializer.append(t)
         elif t.name not in listed:
-            vi = lg.input.add()  # (what make_tensor_value_info makes, without its intermediate copies)
-            vi.name = t.name
-            tt = vi.type.tensor_type
-            tt.elem_type = t.data_type
-            sp = tt.shape
-            sp.SetInParent()
-            for d in t.dims:
-                sp.dim.add().dim_value = d
+            _input_for(t, lg.input.add())
     return m
+
+
+def _input_for(t: onnx.TensorProto, vi: onnx.ValueInfoProto) -> None:
+    """Make the empty ``vi`` the graph input standing for weight ``t`` in a light model (what
+    make_tensor_value_info makes, without its intermediate copies)."""
+    vi.name = t.name
+    tt = vi.type.tensor_type
+    tt.elem_type = t.data_type
+    sp = tt.shape
+    sp.SetInParent()
+    for d in t.dims:
+        sp.dim.add().dim_value = d
 
 
 # What light_model keeps of a model and of its graph (and the graph's initializers but heavy ones).
@@ -367,17 +372,8 @@ def _light_from_copy(m: onnx.ModelProto, value_info: bool) -> onnx.ModelProto:
         return m
     listed = {vi.name for vi in g.input}
     for i in heavy:
-        t = inits[i]
-        if t.name in listed:
-            continue
-        vi = g.input.add()
-        vi.name = t.name
-        tt = vi.type.tensor_type
-        tt.elem_type = t.data_type
-        sp = tt.shape
-        sp.SetInParent()
-        for d in t.dims:
-            sp.dim.add().dim_value = d
+        if inits[i].name not in listed:
+            _input_for(inits[i], g.input.add())
     for i in reversed(heavy):
         del inits[i]
     return m
