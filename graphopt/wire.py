@@ -104,8 +104,11 @@ def _model_graph(buf: memoryview) -> tuple[int, int, int] | None:
     return found
 
 
-def _initializers(buf: memoryview, a: int, b: int) -> list[_Initializer]:
-    return [_Initializer(buf, at, ga, gb) for gf, gwt, ga, gb, at in fields(buf, a, b) if gf == 5 and gwt == 2]
+def _initializers(buf: memoryview, a: int, b: int, min_bytes: int = -1) -> list[_Initializer | None]:
+    """The initializers of the graph message at ``buf[a:b]``; None for one of at most ``min_bytes``
+    bytes (not read)."""
+    return [_Initializer(buf, at, ga, gb) if gb - ga > min_bytes else None
+            for gf, gwt, ga, gb, at in fields(buf, a, b) if gf == 5 and gwt == 2]
 
 
 def raw_spans(data: bytes) -> list[tuple[int, int] | None] | None:
@@ -132,11 +135,11 @@ def skeleton(data: bytes, min_bytes: int) -> tuple[bytes, list[tuple[int, int] |
 
     Returns (the skeleton's bytes, :func:`raw_spans` of ``data`` for the initializers over
     ``min_bytes`` (None for the others), the indices of the initializers emptied), or None if
-    ``data`` is not plainly a model.  An initializer is emptied when it is
-    FLOAT, FLOAT16 or DOUBLE held in ``raw_data`` of more than ``min_bytes`` bytes, exactly as many
-    as its dims call for (so that its values can be read from ``data`` at its span).  An emptied
-    tensor keeps a ``raw_data`` field of length 0 (its other fields are as they were): what asks
-    whether it has raw data still hears yes.
+    ``data`` is not plainly a model.  An initializer is emptied when it is FLOAT, FLOAT16 or DOUBLE
+    held in ``raw_data`` of more than ``min_bytes`` bytes, exactly as many as its dims call for (so
+    that its values can be read from ``data`` at its span).  An emptied tensor keeps a ``raw_data``
+    field of length 0 (its other fields are as they were): what asks whether it has raw data still
+    hears yes.
     """
     try:
         buf = memoryview(data)
@@ -144,9 +147,7 @@ def skeleton(data: bytes, min_bytes: int) -> tuple[bytes, list[tuple[int, int] |
         if g is None:
             return None
         g_at, a, b = g
-        # (an initializer too small to leave out is not read: its span is left None)
-        inits = [_Initializer(buf, at, ga, gb) if gb - ga > min_bytes else None
-                 for gf, gwt, ga, gb, at in fields(buf, a, b) if gf == 5 and gwt == 2]
+        inits = _initializers(buf, a, b, min_bytes)  # (one too small to leave out is not read)
         pieces: list[bytes | memoryview] = []
         stripped: list[int] = []
         done = a  # the graph's bytes before this index are in pieces
