@@ -575,19 +575,19 @@ def _remember_source(graph: gs.Graph, model: onnx.ModelProto, pairs: list | None
     src = {}
     for n, p, plain in pairs:
         if plain:  # (its key from the proto's name lists: the same lists, made in C)
-            src[id(n)] = (n, p, (n.op, n.domain, n.name, list(p.input), list(p.output),
-                                 [_attr_key(k, v) for k, v in n.attrs.items()] if n.attrs else None))
+            src[id(n)] = (n, p, _node_key(n, list(p.input), list(p.output)))
         elif n.op == p.op_type and not any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
                                            for v in n.attrs.values()):
             src[id(n)] = (n, p, _node_key(n))
     graph.__dict__[_SOURCE_NODES] = src
 
 
-def _node_key(n: gs.Node) -> tuple:
+def _node_key(n: gs.Node, inputs: list[str] | None = None, outputs: list[str] | None = None) -> tuple:
     """Everything of ``n`` its NodeProto holds: a pass that changes any of it, in place or not,
     changes the key (attribute values by identity and, for lists, by content; a Constant attribute by
-    the identity of its values)."""
-    return (n.op, n.domain, n.name, [t.name for t in n.inputs], [t.name for t in n.outputs],
+    the identity of its values).  ``inputs``, ``outputs``: the names of its tensors, when known."""
+    return (n.op, n.domain, n.name, [t.name for t in n.inputs] if inputs is None else inputs,
+            [t.name for t in n.outputs] if outputs is None else outputs,
             [_attr_key(k, v) for k, v in n.attrs.items()] if n.attrs else None)
 
 
