@@ -1015,10 +1015,10 @@ class Unwritten:
     def __init__(self) -> None:
         self.tensors: list[tuple[onnx.TensorProto, np.ndarray]] = []
         self.indices: set[int] = set()  # their positions in graph.initializer
-        # weights a skeleton (see load_with_source) left with an empty raw_data: (index in the source,
-        # proto, source)
-        self.sourced: list[tuple[int, onnx.TensorProto, Source]] = []
         self.source: Source | None = None  # the template's
+        # weights the template (a skeleton: see load_with_source) holds with an empty raw_data: (index
+        # in the source, proto)
+        self.sourced: list[tuple[int, onnx.TensorProto]] = []
 
     def __bool__(self) -> bool:
         return bool(self.tensors or self.sourced)
@@ -1028,8 +1028,8 @@ class Unwritten:
             self.source.guard()  # (arrays may be views of a mapped input file)
         for p, a in self.tensors:
             p.raw_data = a.tobytes()
-        for i, p, source in self.sourced:
-            source.fill_one(i, p)
+        for i, p in self.sourced:
+            self.source.fill_one(i, p)
         self.tensors.clear()
         self.indices.clear()
         self.sourced.clear()
@@ -1062,7 +1062,7 @@ def _transplant(model: onnx.ModelProto, into: onnx.ModelProto, stand_ins: dict[i
     if source is not None and source.stripped:  # a skeleton's weights kept: their bytes are in the file
         for i in sorted(keep & source.stripped):
             if unwritten is not None:
-                unwritten.sourced.append((i, inits[i], source))
+                unwritten.sourced.append((i, inits[i]))
             else:
                 source.fill_one(i, inits[i])
     for i in range(len(inits) - 1, -1, -1):
