@@ -260,15 +260,26 @@ def load_plugin(spec: str) -> None:
 
 
 def get_pass(name: str) -> type[Pass]:
-    load_builtin_passes()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        # A built-in pass: import only its module (graphopt.passes.BUILTIN).  Anything else (a
+        # plugin's pass from an entry point, or a misspelling to suggest a name for) loads everything.
+        import graphopt.passes as pkg
+
+        module = pkg.BUILTIN.get(name)
+        if module is not None:
+            importlib.import_module(f"{pkg.__name__}.{module}")
+            cls = _REGISTRY.get(name)
+        if cls is None:
+            load_builtin_passes()
+            cls = _REGISTRY.get(name)
+    if cls is None:
         import difflib
 
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PipelineError(f"unknown pass '{name}'{hint}; 'graphopt passes' lists them") from None
+        raise PipelineError(f"unknown pass '{name}'{hint}; 'graphopt passes' lists them")
+    return cls
 
 
 def registered_passes() -> dict[str, type[Pass]]:

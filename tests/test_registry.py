@@ -1,6 +1,7 @@
 """The registry and plugins: a user's pass is written exactly like a built-in one."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,6 +40,52 @@ def test_builtins_registered():
     for name, cls in names.items():
         assert cls.name == name
         assert cls.description, f"{name} has no description"
+
+
+def test_builtin_index_matches_the_modules():
+    """graphopt.passes.BUILTIN (which module to import for a pass) names every built-in pass and the
+    module that really registers it."""
+    import graphopt.passes as pkg
+
+    builtin = {name: cls.__module__.removeprefix("graphopt.passes.") for name, cls in registered_passes().items()
+               if cls.__module__.startswith("graphopt.passes.")}
+    assert pkg.BUILTIN == builtin
+
+
+def test_a_pipeline_imports_only_the_modules_of_its_passes(fixtures_dir, tmp_path):
+    code = f"""
+import sys, graphopt
+graphopt.optimize({str(fixtures_dir / "tiny_cnn.onnx")!r}, "O1", output={str(tmp_path / "o.onnx")!r}, verify="off")
+print(" ".join(sorted(m for m in sys.modules if m.startswith("graphopt.passes."))))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "graphopt.passes.fold.constants" in loaded and "graphopt.passes.cleanup.cse" in loaded
+    assert not {m for m in loaded if m.split(".")[2] in ("fusion", "prune", "quant")}, loaded
+
+
+def test_entry_point_plugin_found_by_name(tmp_path, fixtures_dir):
+    """A pass from an installed package's 'graphopt.passes' entry point is found when a pipeline names
+    it (built-in names do not load the entry points)."""
+    (tmp_path / "epplugin.py").write_text(PLUGIN.format(name="test-ep-rename"))
+    dist = tmp_path / "epplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: epplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[graphopt.passes]\nrename = epplugin\n")
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(fixtures_dir / "tiny_cnn.onnx"), "-o", str(out),
+                        "--passes", "fold-constants,test-ep-rename{to=ep}", "-q"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr
+    import onnx
+
+    assert onnx.load(out).graph.name == "ep"
+
+
+def test_unknown_pass_suggests_a_name():
+    with pytest.raises(PipelineError, match="did you mean 'fold-constants'"):
+        get_pass("fold-constant")
 
 
 def test_plugin_file(tmp_path, fixtures_dir):
