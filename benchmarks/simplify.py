@@ -14,6 +14,12 @@ the two load+save timings around it).
 process reuses memory the previous call faulted in, which favours whichever call comes second);
 imports and a warm-up call on the bundled tiny model are excluded on both sides, and the A, B, A'
 order of a round stays.
+
+``--cli``: the commands as a user times them, each a process of its own from interpreter start to exit:
+``graphopt optimize MODEL -o OUT -O1 --verify off -q`` (the console script beside this Python) against
+``python -c "onnx.save(onnx.load(MODEL), OUT)"``.  Both start Python and import onnx; graphopt imports
+more.  Whether Python may cache compiled modules (PYTHONDONTWRITEBYTECODE) is taken from the
+environment and printed: without the cache graphopt's own modules compile on every run.
 """
 from __future__ import annotations
 
@@ -100,6 +106,24 @@ def _fresh(clock: str, tool: str, path: str, d: str) -> float:
     return float(out.stdout.split()[-1])
 
 
+_LOAD_SAVE = "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
+
+
+def _command(tool: str, path: str, d: str) -> float:
+    """Wall time of one whole command (interpreter start to exit)."""
+    if tool == "graphopt":
+        exe = Path(sys.executable).with_name("graphopt")
+        cmd = [str(exe), "optimize", path, "-o", d + "/cli.onnx", "-O1", "--verify", "off", "-q"]
+    else:
+        cmd = [sys.executable, "-c", _LOAD_SAVE, path, d + "/cli.onnx"]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    elapsed = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"{tool} on {path} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return elapsed
+
+
 def _ms(x: float) -> str:
     return f"{x * 1e3:6.0f}ms" if x == x else f"{'-':>8s}"  # (nan: not measured)
 
@@ -114,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="each timing in a fresh process (peers not timed)")
+    ap.add_argument("--cli", action="store_true", help="whole commands, interpreter start to exit (peers not timed; "
+                    "wall clock)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this thread's CPU time (user+sys), which other processes on a shared machine "
                          "disturb less than wall time")
     args = ap.parse_args(argv)
+    if args.cli and (args.fresh or args.clock != "wall"):
+        ap.error("--cli times whole commands by the wall clock: not with --fresh or --clock cpu")
+    separate = args.fresh or args.cli
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from graphopt import api
@@ -133,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             a, a2, b = [], [], []
             peer_t: dict[str, list[float]] = {"onnxsim": [], "onnxslim": []}
             passes_t = []
-            for _ in range(args.rounds if args.fresh else 0):
-                a.append(_fresh(args.clock, "onnx", path, d))
-                b.append(_fresh(args.clock, "graphopt", path, d))
-                a2.append(_fresh(args.clock, "onnx", path, d))
+            if args.cli:  # the first run of a command may compile and cache modules: not timed
+                _command("graphopt", path, d), _command("onnx", path, d)
+            for _ in range(args.rounds if separate else 0):
+                one = (lambda tool: _command(tool, path, d)) if args.cli else (lambda tool: _fresh(args.clock, tool, path, d))
+                a.append(one("onnx"))
+                b.append(one("graphopt"))
+                a2.append(one("onnx"))
                 passes_t.append(float("nan"))
-            for _ in range(0 if args.fresh else args.rounds):
+            for _ in range(0 if separate else args.rounds):
                 gc.collect()  # each timed call starts without the garbage of the one before (peers leave plenty)
                 t = clock()
                 m = onnx.load(path)
@@ -174,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                               (statistics.median(v) / ma if v else None)) for k, v in peer_t.items()}
             rows.append((name, n0, n1, res.verification.status, peers, ma, mb, ratio, control, statistics.median(passes_t),
                          peer_ratio))
-    print(f"clock: {args.clock}, {args.rounds} interleaved rounds{', each timing in a fresh process' if args.fresh else ''}, medians")
+    how = (", each timing in a fresh process" if args.fresh else
+           f", whole commands (Python caches compiled modules: {'no' if os.environ.get('PYTHONDONTWRITEBYTECODE') else 'yes'})"
+           if args.cli else "")
+    print(f"clock: {args.clock}, {args.rounds} interleaved rounds{how}, medians")
     print(f"{'model':22s} {'nodes':>6s} {'-O1':>5s} {'onnxsim':>8s} {'onnxslim':>9s} {'ort-basic':>9s} {'verify':>7s} "
           f"{'load+save':>10s} {'-O1 total':>10s} {'ratio':>6s} {'control':>8s} {'passes':>8s} {'sim x':>6s} {'slim x':>6s}")
     for name, n0, n1, st, peers, ma, mb, ratio, ctl, pt, pr in rows:
