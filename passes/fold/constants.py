@@ -43,6 +43,11 @@ NEVER_FOLD = {
 GENERATORS = {"ConstantOfShape", "Range", "Expand", "Tile"}
 _FOLDABLE_DTYPES = K._NUMERIC
 _SHAPE_OPS = {"Shape", "Size"}
+_LAYOUT_OPS = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Flatten", "Transpose")
+_ELEMENTWISE_OPS = ("Add", "Sub", "Mul", "Div", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Min", "Max",
+                    "And", "Or", "Not", "Neg", "Abs")
+# what _eval_partial propagates partially known int vectors through (besides Shape and Size)
+_PARTIAL_OPS = frozenset(("Identity", "Cast", "Where") + _LAYOUT_OPS + _ELEMENTWISE_OPS)
 
 
 def _is_const(t) -> bool:
@@ -333,10 +338,13 @@ class FoldConstants(Pass):
         if op == "Size":
             s = C.static_shape(ins[0])
             return None if s is None else Partial(np.array(int(np.prod(s, dtype=np.int64)), dtype=np.int64), np.array(True))
+        if op not in _PARTIAL_OPS or not ins:
+            return None
+        if op != "Where" and (C.is_omitted(ins[0]) or self._partial_of(ins[0]) is None):
+            return None  # (most nodes: their first input is no int vector; the rest need not be looked at)
         parts = [None if C.is_omitted(t) else self._partial_of(t) for t in ins]
-        if not parts or parts[0] is None:
-            if op != "Where" or len(parts) < 3:
-                return None
+        if parts[0] is None and (op != "Where" or len(parts) < 3):
+            return None
         if op == "Identity":
             return parts[0]
         if op in ("Cast",):
@@ -344,7 +352,7 @@ class FoldConstants(Pass):
             if to.kind not in "iu" or parts[0].values.dtype.kind not in "iu":
                 return None
             return Partial(parts[0].values.astype(to), parts[0].known)
-        if op in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Flatten", "Transpose"):
+        if op in _LAYOUT_OPS:
             # layout ops move elements around: apply the same kernel to values and to the known mask
             const_ins = []
             for i, (t, p) in enumerate(zip(ins, parts)):
@@ -369,8 +377,7 @@ class FoldConstants(Pass):
             if v is None or k is None:
                 return None
             return Partial(v[0], k[0].astype(bool))
-        if op in ("Add", "Sub", "Mul", "Div", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Min", "Max",
-                  "And", "Or", "Not", "Neg", "Abs"):
+        if op in _ELEMENTWISE_OPS:
             if any(p is None for p in parts):
                 return None
             filled = [np.where(p.known, p.values, np.ones_like(p.values)) for p in parts]
