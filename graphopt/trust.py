@@ -54,7 +54,7 @@ class Snapshot:
     """The model at one point of the pipeline: a ``ModelProto`` in RAM, or a file for big models."""
 
     def __init__(self, model: onnx.ModelProto, folder: Path | None = None, *, to_disk: bool | None = None):
-        big = model.ByteSize() > SNAPSHOT_RAM_LIMIT if to_disk is None else to_disk
+        big = ir.approx_size(model) > SNAPSHOT_RAM_LIMIT if to_disk is None else to_disk
         self.path: Path | None = None
         self.model: onnx.ModelProto | None = model
         self.nodes = len(model.graph.node)

@@ -54,7 +54,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, level: str = "disab
 
     so = session_options(level, threads)
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() >= _TWO_GB:
+        from .ir import approx_size
+
+        if approx_size(model) >= _TWO_GB:  # (ByteSize() would serialize the whole model to measure it)
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "model.onnx")
                 onnx.save_model(model, p, save_as_external_data=True, location="model.onnx.data")

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt import ir
 from graphopt.analysis import flops, param_count
 from graphopt.rewrite import weight_used_only_by
 
@@ -102,7 +103,7 @@ def calibration_activations(ctx, graph: gs.Graph, names: list[str], *, model=Non
 def compressed_size(model) -> int:
     """zlib (gzip/zip deflate, level 6) size of the serialized model, or of its weights past 2 GB."""
     try:
-        if model.ByteSize() < 2**31 - 2**26:
+        if ir.approx_size(model) < 2**31 - 2**26:
             return len(zlib.compress(model.SerializeToString(), 6))
     except Exception:
         pass
