@@ -220,7 +220,14 @@ def optimize(
         trust.close(tracer)
         return VerificationError(msg, report.to_dict())
 
+    # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
+    # optimized model is written as: neither model is serialized just for it
+    original_bytes = source.data if (source is not None and source.whole and not source.stripped
+                                     and isinstance(source.data, bytes)) else None
+    optimized_bytes = None
     if verify != "off":
+        if raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
+            optimized_bytes = optimized.SerializeToString()
         try:
             ir.check_model(optimized, "optimized model")
         except InputError as e:
@@ -235,7 +242,8 @@ def optimize(
             if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
                 vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
             verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
-                                         reference_outputs=ref_outs)
+                                         reference_outputs=ref_outs, original_bytes=original_bytes,
+                                         optimized_bytes=optimized_bytes)
         except CannotGenerate as e:  # e.g. a sequence of unknown-rank tensors: say so, don't refuse the model
             verification = Verification("not-verified", str(e), exact=not lossy)
         report.verification = verification.to_dict()
@@ -255,7 +263,7 @@ def optimize(
     out_path = None
     if output is not None:
         out_path = ir.save(optimized, output, external_data=external_data, protect=[src_path] if src_path else None,
-                           raw=raw, unwritten=unwritten)
+                           raw=raw, unwritten=unwritten, serialized=optimized_bytes)
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}

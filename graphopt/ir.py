@@ -31,7 +31,7 @@ from .errors import InputError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 TWO_GB = 2**31
-_SIZE_LIMIT = TWO_GB - 64 * 2**20  # leave room for the graph itself
+SIZE_LIMIT = TWO_GB - 64 * 2**20  # from this size on a model is written with external data (room for the graph)
 
 # onnx-graphsurgeon logs a warning for every odd thing; graphopt reports what matters itself.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -268,7 +268,7 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
         # (a skeleton with external data has them loaded into the model since, not in its bytes)
         light = light_model(model, serialized=source.skeleton if source is not None and source.whole else None)
         serialized = light.SerializeToString()
-        if len(serialized) < _SIZE_LIMIT:
+        if len(serialized) < SIZE_LIMIT:
             onnx.checker.check_model(serialized)
             del light.graph.value_info[:]
             _light_kept[:] = [model, light]  # for the first shape inference (light_model, value_info=False)
@@ -1193,7 +1193,7 @@ def approx_size(model: onnx.ModelProto) -> int:
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
          protect: list[str | os.PathLike] | None = None, raw: list[memoryview | None] | None = None,
-         unwritten: Unwritten | None = None) -> Path:
+         unwritten: Unwritten | None = None, serialized: bytes | None = None) -> Path:
     """Write ``model`` atomically (temporary file in the same folder, then rename).
 
     ``external_data=None`` picks external data only when the model would reach 2 GB.  ``protect`` lists
@@ -1201,7 +1201,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     ``raw_data`` bytes of each initializer where they are at hand; those go to the file from there
     instead of through ``SerializeToString`` (which builds the whole file in memory first).
     ``unwritten`` (from :func:`export_for_save`): the new weights not in their protos yet; written
-    from their arrays, or completed first where the model is written another way.
+    from their arrays, or completed first where the model is written another way.  ``serialized``:
+    ``model.SerializeToString()``, when the caller made it already (it is written as it is, unless
+    external data is asked for).
     """
     path = Path(path)
     if unwritten is not None and unwritten.source is not None:
@@ -1214,13 +1216,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             pass
         if Path(p).resolve() == path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
+    if serialized is not None and external_data is not True and len(serialized) < SIZE_LIMIT:
+        _write_atomically([serialized], path)
+        return path
     pieces = _serialized(model, raw, unwritten) if raw is not None and external_data is not True else None
     if pieces is not None and external_data is None:
-        big = sum(len(p) for p in pieces) >= _SIZE_LIMIT
+        big = sum(len(p) for p in pieces) >= SIZE_LIMIT
     else:
         if unwritten:
             unwritten.complete()
-        big = approx_size(model) >= _SIZE_LIMIT if external_data is None else external_data
+        big = approx_size(model) >= SIZE_LIMIT if external_data is None else external_data
     if big and unwritten:
         unwritten.complete()
     if not big:
