@@ -113,3 +113,23 @@ def test_optimized_model_that_only_the_reference_evaluator_runs_fails():
         pass
     v = verify_models(a, b)
     assert v.status == "failed" and "onnxruntime runs the original but not the optimized model" in v.reason
+
+
+def test_verify_runs_the_bytes_it_is_given():
+    """original_bytes / optimized_bytes are what onnxruntime runs (the api hands over the input
+    file's bytes and the output's): bytes of another model decide the result."""
+    relu = parse(RELU)
+    neg = parse(RELU.replace("Relu", "Neg"))
+    assert verify_models(relu, relu).status == "passed"
+    assert verify_models(relu, relu, original_bytes=neg.SerializeToString()).status == "failed"
+    assert verify_models(relu, relu, optimized_bytes=neg.SerializeToString()).status == "failed"
+    assert verify_models(relu, relu, original_bytes=relu.SerializeToString(),
+                         optimized_bytes=relu.SerializeToString()).status == "passed"
+
+
+def test_optimize_verifies_against_the_file_as_read(tmp_path, fixtures_dir):
+    import graphopt
+
+    res = graphopt.optimize(fixtures_dir / "tiny_cnn.onnx", "O1", output=tmp_path / "o.onnx")
+    assert res.verification.status == "passed"
+    assert (tmp_path / "o.onnx").read_bytes() == res.model.SerializeToString()
