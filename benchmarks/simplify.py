@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     how = (", each timing in a fresh process" if args.fresh else
            f", whole commands (Python caches compiled modules: {'no' if os.environ.get('PYTHONDONTWRITEBYTECODE') else 'yes'})"
            if args.cli else "")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        how += f", glibc mmap threshold fixed at {os.environ['MALLOC_MMAP_THRESHOLD_']}"
     print(f"clock: {args.clock}, {args.rounds} interleaved rounds{how}, medians")
     print(f"{'model':22s} {'nodes':>6s} {'-O1':>5s} {'onnxsim':>8s} {'onnxslim':>9s} {'ort-basic':>9s} {'verify':>7s} "
           f"{'load+save':>10s} {'-O1 total':>10s} {'ratio':>6s} {'control':>8s} {'passes':>8s} {'sim x':>6s} {'slim x':>6s}")
