@@ -220,12 +220,12 @@ def optimize(
         trust.close(tracer)
         return VerificationError(msg, report.to_dict())
 
-    # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
-    # optimized model is written as: neither model is serialized just for it
-    original_bytes = source.data if (source is not None and source.whole and not source.stripped
-                                     and isinstance(source.data, bytes)) else None
     optimized_bytes = None
     if verify != "off":
+        # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
+        # optimized model is written as: neither model is serialized just for it
+        original_bytes = source.data if (source is not None and source.whole and not source.stripped
+                                         and isinstance(source.data, bytes)) else None
         if raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
             optimized_bytes = optimized.SerializeToString()
         try:
