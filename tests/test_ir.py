@@ -341,6 +341,35 @@ def test_save_writes_weights_from_their_views_and_parses_to_the_same_model(tmp_p
     onnx.checker.check_model(onnx.load(path), full_check=True)
 
 
+@pytest.mark.parametrize("how", ["short", "no-writev"])
+def test_pieces_are_written_whole_through_short_writes_and_without_writev(tmp_path, monkeypatch, how):
+    """_write_pieces goes on after a write that took only part of what it was given, and writes
+    piece by piece where os.writev is missing."""
+    rng = np.random.default_rng(0)
+    data = [rng.bytes(n) for n in (3, 0, 5000, 1, 70000)] + [memoryview(np.arange(7, dtype=np.float32)),
+                                                             memoryview(np.float32(2.5))]
+    want = b"".join(memoryview(p).cast("B").tobytes() for p in data)
+    calls = []
+    if how == "short":
+        real = os.writev
+
+        def writev(fd, buffers):  # at most 1000 bytes a call
+            calls.append(len(buffers))
+            left, cut = 1000, []
+            for b in buffers:
+                cut.append(memoryview(b)[:left])
+                left -= len(cut[-1])
+                if not left:
+                    break
+            return real(fd, cut)
+        monkeypatch.setattr(os, "writev", writev)
+    else:
+        monkeypatch.delattr(os, "writev")
+    ir._write_atomically(data, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == want
+    assert how != "short" or len(calls) >= len(want) // 1000
+
+
 @pytest.mark.parametrize("external", [None, True])
 def test_a_new_weight_left_out_of_its_proto_is_written_from_its_array(tmp_path, fixtures_dir, external):
     src = fixtures_dir / "tiny_cnn.onnx"
