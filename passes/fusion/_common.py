@@ -222,7 +222,7 @@ class FusionPass(Pass):
             from graphopt.shapes import infer_shapes
 
             infer_shapes(graph, ctx)
-        graph.toposort()
+        gs_toposort(graph, ctx)
 
         def check(g: gs.Graph, m: Match) -> str | None:
             reason = self.check(m, g, ctx)
@@ -239,6 +239,16 @@ class FusionPass(Pass):
             alive=lambda node: bool(node.outputs) and node.op in self.anchor_ops and is_std(node),
         )
         return finish_fusions(graph, stats, skipped)
+
+
+def gs_toposort(graph: gs.Graph, ctx: PassContext) -> None:
+    """onnx-graphsurgeon's topological order (by depth), in which the fusions visit candidates; skipped
+    when the graph is in it already: sorted so by an earlier fusion and unchanged since (the pass
+    manager clears ``ctx.cache`` after every change).  gs sorts even a sorted graph (5 ms for bert_mini
+    at -O2, nineteen fusion passes) and leaves the order of its own output as it is."""
+    if ctx.cache.get("gs_sorted") is not graph:
+        graph.toposort()
+        ctx.cache["gs_sorted"] = graph
 
 
 def node_alive(n: gs.Node) -> bool:
