@@ -4,6 +4,7 @@ Keep passes free of name matching: patterns look at op types, attributes and ten
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import numpy as np
@@ -91,12 +92,44 @@ def bypass(node: gs.Node, graph: gs.Graph, keep: int = 0) -> bool:
     return True
 
 
+_NAME_INDEX: dict[int, set[str] | None] = {}  # id(graph) -> its taken names (None: not collected yet)
+
+
+def _taken_names(graph: gs.Graph) -> set[str]:
+    return ir.tensor_map(graph).keys() | {n.name for n in graph.nodes}
+
+
+@contextlib.contextmanager
+def name_index(graph: gs.Graph):
+    """Inside this block :func:`derived_name` looks names up in a set of ``graph``'s names made once
+    (at its first call), which grows with every name it hands out, instead of collecting them from
+    the whole graph on every call (42 ms of efficientnet_b0's -O2, one call per new weight).  For
+    loops whose rewrites bring in new names through :func:`derived_name` only, reusing the others
+    (the fusions): a name made up any other way inside the block could be handed out again.  A name
+    that leaves the graph inside the block stays taken."""
+    key = id(graph)
+    if key in _NAME_INDEX:
+        yield
+        return
+    _NAME_INDEX[key] = None
+    try:
+        yield
+    finally:
+        del _NAME_INDEX[key]
+
+
 def derived_name(graph: gs.Graph, base: str, suffix: str) -> str:
     """A new tensor/node name derived from an old one, unique in ``graph``."""
-    taken = ir.tensor_map(graph).keys() | {n.name for n in graph.nodes}
+    key = id(graph)
+    taken = _NAME_INDEX.get(key)
+    if taken is None:
+        taken = _taken_names(graph)
+        if key in _NAME_INDEX:
+            _NAME_INDEX[key] = taken
     name = f"{base}_{suffix}"
     i = 1
     while name in taken:
         i += 1
         name = f"{base}_{suffix}{i}"
+    taken.add(name)
     return name

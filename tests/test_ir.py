@@ -660,3 +660,19 @@ def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch):
     assert isinstance(source.data, bytes) and source.mapped is None and source.stripped == {0, 1}
     res = graphopt.optimize(path, "O1", verify="off", output=tmp_path / "out.onnx")
     assert _canonical(res.model) == _canonical(graphopt.optimize(_skeleton_model(), "O1", verify="off").model)
+
+
+def test_derived_names_are_unique_with_and_without_the_name_index():
+    from graphopt.rewrite import derived_name, name_index
+
+    x = gs.Variable("x", np.float32, [2])
+    taken = gs.Variable("w_bn", np.float32, [2])
+    g = gs.Graph(nodes=[gs.Node("Relu", "w_bn_node", inputs=[x], outputs=[taken])], inputs=[x], outputs=[taken])
+    # without the index every call looks at the graph: a name handed out but not used yet is free again
+    assert [derived_name(g, "w", "bn") for _ in range(2)] == ["w_bn2", "w_bn2"]
+    with name_index(g):
+        got = [derived_name(g, "w", "bn") for _ in range(3)]
+        assert got == ["w_bn2", "w_bn3", "w_bn4"]  # each name handed out once
+        g.nodes.append(gs.Node("Relu", derived_name(g, "w_bn", "node"), inputs=[x], outputs=[gs.Variable("y", np.float32, [2])]))
+        assert derived_name(g, "w_bn", "node") == "w_bn_node3"  # w_bn_node was in the graph, _node2 handed out
+    assert derived_name(g, "w", "bn") == "w_bn2"

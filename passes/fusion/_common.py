@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Pass, PassContext, PassResult
-from graphopt.rewrite import const_value, derived_name, is_graph_output, producer, weight_used_only_by
+from graphopt.rewrite import const_value, derived_name, is_graph_output, name_index, producer, weight_used_only_by
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
@@ -272,21 +272,22 @@ def fuse_each(graph: gs.Graph, ctx: PassContext, candidates: Iterable, stats: di
     ``ctx.allow_rewrite(describe(c, m))`` is asked (a refusal stops the loop) and ``rewrite(graph, m)``
     applied, counted in ``stats["rewritten"]``.
     """
-    for c in candidates:
-        if alive is not None and not alive(c):
-            continue
-        m, reason = match(graph, c)
-        if m is None and reason is None:
-            continue
-        stats["matched"] += 1
-        reason = reason or check(graph, m)
-        if reason:
-            skipped.append(reason)
-            continue
-        if not ctx.allow_rewrite(describe(c, m)):
-            break
-        rewrite(graph, m)
-        stats["rewritten"] += 1
+    with name_index(graph):  # (a rewrite names what it adds with derived_name)
+        for c in candidates:
+            if alive is not None and not alive(c):
+                continue
+            m, reason = match(graph, c)
+            if m is None and reason is None:
+                continue
+            stats["matched"] += 1
+            reason = reason or check(graph, m)
+            if reason:
+                skipped.append(reason)
+                continue
+            if not ctx.allow_rewrite(describe(c, m)):
+                break
+            rewrite(graph, m)
+            stats["rewritten"] += 1
 
 
 def run_fusion(graph: gs.Graph, ctx: PassContext, candidates: list, stats: dict[str, int], **loop) -> PassResult:
