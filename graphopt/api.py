@@ -129,12 +129,8 @@ def optimize(
     if verify not in ("end", "each", "off"):
         raise InputError(f"verify must be end, each or off, not {verify!r}")
     src_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
-    if output is not None and src_path is not None:
-        out = Path(output)
-        if out.exists() and src_path.exists() and os.path.samefile(out, src_path):
-            raise InputError(f"{out}: refusing to overwrite the input model; choose another -o")
-        if out.resolve() == src_path.resolve():
-            raise InputError(f"{out}: refusing to overwrite the input model; choose another -o")
+    if output is not None and src_path is not None and ir.same_file(output, src_path):
+        raise InputError(f"{output}: refusing to overwrite the input model; choose another -o")
     if output is not None:
         ir.check_writable(output)
 

@@ -1210,12 +1210,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     if unwritten is not None and unwritten.source is not None:
         unwritten.source.guard()  # (the views in raw may be of a mapped input file)
     for p in protect or ():
-        try:
-            if Path(p).exists() and path.exists() and os.path.samefile(p, path):
-                raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
-        except OSError:
-            pass
-        if Path(p).resolve() == path.resolve():
+        if same_file(p, path):
             raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
     if serialized is not None and external_data is not True and len(serialized) < SIZE_LIMIT:
         _write_atomically([serialized], path)
@@ -1344,6 +1339,15 @@ def _output_folder(path: Path) -> Path:
     if not folder.exists():
         raise InputError(f"{folder}: output folder does not exist")
     return folder
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether paths ``a`` and ``b`` both exist and are the same file (through symlinks, hard links,
+    ``..`` and the like); a path that does not exist is no file to overwrite."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_writable(path: str | os.PathLike) -> Path:

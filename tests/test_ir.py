@@ -124,6 +124,14 @@ def test_save_is_atomic_and_never_overwrites_input(tmp_path, fixtures_dir):
     (tmp_path / "link.onnx").symlink_to(src)
     with pytest.raises(InputError, match="refusing to overwrite"):
         graphopt.optimize(src, "O0", output=tmp_path / "link.onnx")
+    os.link(src, tmp_path / "hard.onnx")
+    (tmp_path / "sub").mkdir()
+    for other in (tmp_path / "hard.onnx", tmp_path / "sub" / ".." / "m.onnx"):
+        with pytest.raises(InputError, match="refusing to overwrite"):
+            graphopt.optimize(src, "O0", output=other)
+        with pytest.raises(InputError, match="refusing to overwrite"):
+            ir.save(m, other, protect=[src])
+    os.unlink(tmp_path / "hard.onnx")
     ir.save(m, tmp_path / "new.onnx")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
