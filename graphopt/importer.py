@@ -11,6 +11,7 @@ subgraphs (If/Loop/Scan bodies) and attribute kinds other than the plain ones.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -58,7 +59,26 @@ def variable(name: str, dtype=None, shape=None, type: str = "tensor_type") -> gs
     return v
 
 
-class RawValues(LazyValues):
+def _remember(lv: LazyValues, arr):
+    """``arr``, which ``lv`` loaded, noted on ``lv`` (weakly: a pass that replaces the values must not
+    keep the old array alive).  Lineage (:mod:`graphopt.lineage`) tells a read from a change by it."""
+    try:
+        lv.loaded = weakref.ref(arr)
+    except TypeError:
+        pass
+    return arr
+
+
+class TrackedValues(LazyValues):
+    """gs's ``LazyValues``, remembering the array it loads (``loaded``: a weak reference to it)."""
+
+    loaded = None
+
+    def load(self) -> np.ndarray:
+        return _remember(self, super().load())
+
+
+class RawValues(TrackedValues):
     """``LazyValues`` of a little-endian numeric tensor held in ``raw_data``: loaded with numpy
     straight from the bytes (gs's ``load()`` goes through ``onnx.numpy_helper.to_array``, whose
     per-call overhead dominates for the hundreds of small constants an exported transformer has)."""
@@ -67,7 +87,7 @@ class RawValues(LazyValues):
         t = self.tensor
         if not t.HasField("raw_data"):
             return super().load()
-        return np.frombuffer(t.raw_data, dtype=self.dtype).reshape(tuple(self.shape)).copy()
+        return _remember(self, np.frombuffer(t.raw_data, dtype=self.dtype).reshape(tuple(self.shape)).copy())
 
 
 class SourcedValues(RawValues):
@@ -101,7 +121,7 @@ class SourcedValues(RawValues):
         return np.frombuffer(self.raw, dtype=self.dtype).reshape(tuple(self.shape))
 
     def load(self) -> np.ndarray:
-        return self.view().copy()
+        return _remember(self, self.view().copy())
 
 
 # Element types whose raw_data numpy reads as is (onnx's to_array special-cases the others: bfloat16,
@@ -134,7 +154,7 @@ def constant(t: onnx.TensorProto, raw: memoryview | None = None, source=None, in
     elif empty:
         raise ValueError(f"weight '{t.name}' of a skeleton has no bytes to read")
     else:
-        lv = RawValues.__new__(RawValues) if viewable else LazyValues.__new__(LazyValues)
+        lv = RawValues.__new__(RawValues) if viewable else TrackedValues.__new__(TrackedValues)
         lv.tensor = t
     lv.shape = list(t.dims)  # (gs keeps the proto's dims container: every read of it goes through upb)
     lv.dtype = dtype

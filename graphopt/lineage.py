@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from .importer import TrackedValues
 from .report import all_nodes
 
 KEY = "graphopt.pass"
@@ -41,6 +42,25 @@ def _attr_key(v: Any) -> Any:
 _Constant = gs.Constant
 
 
+_ORIGIN = "_graphopt_lazy"  # a Constant's entry: the lazy values it held when a signature was taken
+
+
+def _values_id(t: gs.Constant) -> int:
+    """Which values ``t`` holds.  Lazy values count as the same values once loaded: reading a weight
+    is no change to it (:class:`graphopt.importer.TrackedValues` remembers what it loaded)."""
+    v = t._values
+    d = t.__dict__
+    if isinstance(v, TrackedValues):
+        d[_ORIGIN] = v
+        return id(v)
+    o = d.get(_ORIGIN)
+    if o is not None:
+        ref = o.loaded
+        if ref is not None and ref() is v:
+            return id(o)
+    return id(v)
+
+
 def _signature(n: gs.Node) -> tuple:
     """What a pass can change of ``n``; compared with ``==`` only (the lists need no hashing)."""
     ins = n.inputs
@@ -49,8 +69,9 @@ def _signature(n: gs.Node) -> tuple:
         n.op,
         n.domain,
         tuple(map(id, ins)),
-        # a Constant whose values were replaced in place (t.values = ...) counts as a change of its users
-        [id(t._values) for t in ins if type(t) is _Constant],
+        # a Constant whose values were replaced in place (t.values = ...) counts as a change of its
+        # users; one whose lazy values were only loaded (read) does not
+        [_values_id(t) for t in ins if type(t) is _Constant],
         tuple(map(id, n.outputs)),
         [(k, v if type(v) in _PLAIN else _attr_key(v)) for k, v in attrs.items()] if attrs else None,
     )

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -368,6 +369,27 @@ def test_lineage_tags_created_and_changed_nodes_only():
     meta = {e.key: e.value for e in next(n for n in out.graph.node if n.op_type == "MatMul").metadata_props}
     assert meta == {"graphopt.pass": "other", "graphopt.passes": "fold-constants,other"}
     del ctx
+
+
+def test_lineage_reading_a_weight_is_no_change():
+    # (w holds 4 floats as raw_data: imported lazily, loaded when a pass first reads it)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,2] x) => (float[2,2] y) <float[2,2] w = {1,2,3,4}, float[2,2] v = {1,2,3,4}> {
+        a = MatMul(x, w)  b = MatMul(a, v)  y = Relu(b) }""")
+    m = onnx.load_from_string(onnx.shape_inference.infer_shapes(m).SerializeToString())
+    for t in m.graph.initializer:
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))  # raw_data
+    g = ir.import_model(m)
+    a, b = (n for n in g.nodes if n.op == "MatMul")
+    w, v = a.inputs[1], b.inputs[1]
+    before = lineage.snapshot(g)
+    assert type(w._values).__name__ == "RawValues"
+    assert isinstance(w.values, np.ndarray) and w.values is w._values  # loaded: the same values, a new object
+    v.values = v.values * 2  # new values: a change of the node that reads them
+    count, after = lineage.mark(g, before, "p")
+    assert count == 1 and lineage.passes_of(b) == ["p"] and not lineage.passes_of(a)
+    w.values = w.values + 1  # replacing loaded values is a change too
+    assert lineage.mark(g, after, "q")[0] == 1 and lineage.passes_of(a) == ["q"]
 
 
 def test_lineage_on_the_tiny_cnn_runs_in_onnxruntime(tiny, plugin):

@@ -228,11 +228,6 @@ class CommonSubexpressionElimination(Pass):
             whole = _nbytes(meta) <= 2 * _SAMPLE  # the sample is the values: the group is all equal
             by_digest: dict[bytes, gs.Constant] = {}
             for t, f in ts:
-                if whole:
-                    # (read anyway: lineage sees a constant whose values were loaded as changed, and the
-                    # output's metadata must not depend on this shortcut)
-                    ir.const_view(t)
-                    _read(t, f)
                 d = b"" if whole else _content_digest(t, f)
                 keep = by_digest.get(d)
                 if keep is None:
