@@ -20,6 +20,12 @@ order of a round stays.
 ``python -c "onnx.save(onnx.load(MODEL), OUT)"``.  Both start Python and import onnx; graphopt imports
 more.  Whether Python may cache compiled modules (PYTHONDONTWRITEBYTECODE) is taken from the
 environment and printed: without the cache graphopt's own modules compile on every run.
+
+``--floor`` (in-process rounds only): also times, in the same rounds, the work outside Python that
+-O1's guarantees call for, with no IR and no passes: read the file, parse it, onnx.checker and shape
+inference on the model without its big weights (``graphopt.ir.light_model``, as graphopt runs them),
+serialize with the inferred shapes, and write through a temporary file and a rename.  Its
+ratio (column ``floor x``) is what is left of the 2x budget for everything graphopt does in Python.
 """
 from __future__ import annotations
 
@@ -98,6 +104,27 @@ print(clock() - t)
 """
 
 
+def _floor(path: str, out: str) -> None:
+    """What -O1 with nothing to rewrite costs outside Python: load, check, infer shapes, save atomically."""
+    with open(path, "rb") as f:
+        data = f.read()
+    from graphopt.ir import light_model
+
+    m = onnx.ModelProto()
+    m.ParseFromString(data)
+    light = light_model(m)  # (as graphopt checks and infers: big weights left out)
+    onnx.checker.check_model(light)
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    m.graph.value_info.extend(inferred.graph.value_info)
+    tmp = out + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.write(fd, m.SerializeToString())
+    finally:
+        os.close(fd)
+    os.replace(tmp, out)
+
+
 def _fresh(clock: str, tool: str, path: str, d: str) -> float:
     out = subprocess.run([sys.executable, "-c", _FRESH, clock, tool, path, d, _TINY], capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -143,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this thread's CPU time (user+sys), which other processes on a shared machine "
                          "disturb less than wall time")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time load, check, shape inference and an atomic save without IR or passes "
+                         "(in-process rounds only)")
     args = ap.parse_args(argv)
     if args.cli and (args.fresh or args.clock != "wall"):
         ap.error("--cli times whole commands by the wall clock: not with --fresh or --clock cpu")
     separate = args.fresh or args.cli
+    if args.floor and separate:
+        ap.error("--floor is timed in the in-process rounds: not with --fresh or --cli")
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from graphopt import api
@@ -162,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             a, a2, b = [], [], []
             peer_t: dict[str, list[float]] = {"onnxsim": [], "onnxslim": []}
             passes_t = []
+            floor_t: list[float] = []
             if args.cli:  # the first run of a command may compile and cache modules: not timed
                 _command("graphopt", path, d), _command("onnx", path, d)
             for _ in range(args.rounds if separate else 0):
@@ -181,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = api.optimize(path, "O1", output=os.path.join(d, "b.onnx"), verify="off")
                 b.append(clock() - t)
                 passes_t.append(r.report.seconds["passes"])
+                if args.floor:
+                    gc.collect()
+                    t = clock()
+                    _floor(path, os.path.join(d, "f.onnx"))
+                    floor_t.append(clock() - t)
                 if not args.no_peers:
                     for peer in ("onnxsim", "onnxslim"):
                         gc.collect()
@@ -204,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             control = statistics.median(y / x for x, y in zip(a, a2))
             peer_ratio = {k: (statistics.median(vi / ai for vi, ai in zip(v, base)) if len(v) == len(base) else
                               (statistics.median(v) / ma if v else None)) for k, v in peer_t.items()}
+            if floor_t:
+                peer_ratio["floor"] = statistics.median(fi / ai for fi, ai in zip(floor_t, base))
             rows.append((name, n0, n1, res.verification.status, peers, ma, mb, ratio, control, statistics.median(passes_t),
                          peer_ratio))
     how = (", each timing in a fresh process" if args.fresh else
@@ -213,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         how += f", glibc mmap threshold fixed at {os.environ['MALLOC_MMAP_THRESHOLD_']}"
     print(f"clock: {args.clock}, {args.rounds} interleaved rounds{how}, medians")
     print(f"{'model':22s} {'nodes':>6s} {'-O1':>5s} {'onnxsim':>8s} {'onnxslim':>9s} {'ort-basic':>9s} {'verify':>7s} "
-          f"{'load+save':>10s} {'-O1 total':>10s} {'ratio':>6s} {'control':>8s} {'passes':>8s} {'sim x':>6s} {'slim x':>6s}")
+          f"{'load+save':>10s} {'-O1 total':>10s} {'ratio':>6s} {'control':>8s} {'passes':>8s} {'sim x':>6s} {'slim x':>6s}"
+          + (f" {'floor x':>7s}" if args.floor else ""))
     for name, n0, n1, st, peers, ma, mb, ratio, ctl, pt, pr in rows:
         print(f"{name:22s} {n0:6d} {n1:5d} {str(peers.get('onnxsim', '-')):>8s} {str(peers.get('onnxslim', '-')):>9s} "
               f"{str(peers.get('ort-basic', '-')):>9s} {st:>7s} {ma * 1e3:8.0f}ms {mb * 1e3:8.0f}ms {ratio:6.2f} {ctl:8.2f} {_ms(pt)} "
-              f"{_fmt(pr.get('onnxsim'))} {_fmt(pr.get('onnxslim'))}")
+              f"{_fmt(pr.get('onnxsim'))} {_fmt(pr.get('onnxslim'))}" + (f" {_fmt(pr.get('floor')):>7s}" if args.floor else ""))
     return 0
 
 
