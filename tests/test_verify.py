@@ -133,3 +133,41 @@ def test_optimize_verifies_against_the_file_as_read(tmp_path, fixtures_dir):
     res = graphopt.optimize(fixtures_dir / "tiny_cnn.onnx", "O1", output=tmp_path / "o.onnx")
     assert res.verification.status == "passed"
     assert (tmp_path / "o.onnx").read_bytes() == res.model.SerializeToString()
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_the_two_models_load_and_run_side_by_side_on_two_cores(monkeypatch, parallel):
+    """With two cores the original's side runs in a worker thread while the optimized one runs here;
+    the result is the same either way, and so is which failure wins (the original's)."""
+    import importlib
+    import threading
+
+    verify = importlib.import_module("graphopt.verify")  # (graphopt.verify the attribute is the api function)
+    monkeypatch.setattr(verify, "cores", lambda: 2)
+    threads: dict[str, set[str]] = {}
+    run = Runner.run
+
+    def spy(self, feeds, outputs=None):
+        threads.setdefault(self.model.graph.node[0].op_type, set()).add(threading.current_thread().name)
+        return run(self, feeds, outputs)
+
+    monkeypatch.setattr(Runner, "run", spy)
+    relu, neg = parse(RELU), parse(RELU.replace("Relu", "Neg"))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((3, 10)).astype(np.float32)} for i in range(3)]
+    v = verify_models(relu, relu, feeds, parallel=parallel)
+    assert v.ok and v.samples == 3 and v.outputs[0].max_abs == 0
+    bad = verify_models(relu, neg, feeds, parallel=parallel)
+    assert bad.status == "failed" and "output 'y'" in bad.reason
+    main = threading.current_thread().name
+    assert threads["Neg"] == {main}  # the optimized side: always here
+    if parallel:
+        assert len(threads["Relu"]) == 2 and any(t.startswith("graphopt-verify") for t in threads["Relu"])
+    else:
+        assert threads["Relu"] == {main}
+    unknown = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "my.ops" : 1]>
+    g (float[N, 10] x) => (float[N, 10] y) { y = my.ops.Unknown(x) }""")
+    v = verify_models(unknown, unknown, feeds, parallel=parallel)  # neither runs: the original's failure decides
+    assert v.status == "not-verified" and "original model cannot be run" in v.reason
+    v = verify_models(relu, unknown, feeds, parallel=parallel)
+    assert v.status == "failed" and "optimized model cannot be run" in v.reason
