@@ -113,6 +113,7 @@ def load_with_source(src: ModelLike, *, check: bool = True,
     data = None
     cut = None
     external = False
+    mapped = None  # the file's stat, when data maps it
     if isinstance(src, onnx.ModelProto):
         model = src
         base_dir = None

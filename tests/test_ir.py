@@ -598,6 +598,16 @@ def test_optimize_without_verification_reads_a_skeleton_and_writes_the_same_mode
     onnx.checker.check_model(off.model, full_check=True)
 
 
+def test_a_skeleton_is_read_from_bytes_too(tmp_path):
+    m = _skeleton_model()
+    data = m.SerializeToString()
+    skel, source = ir.load_with_source(data, skeleton=True)
+    assert source.stripped and source.mapped is None and source.data == data
+    res = graphopt.optimize(data, "O1", verify="off", output=tmp_path / "out.onnx")
+    expected = graphopt.optimize(m, "O1", verify="off")
+    assert _canonical(res.model) == _canonical(expected.model) == _canonical(onnx.load(tmp_path / "out.onnx"))
+
+
 def test_a_skeleton_is_read_from_a_mapped_file_and_keeps_external_weights_external(tmp_path):
     m = _skeleton_model()
     half = m.graph.initializer[1]
