@@ -135,11 +135,21 @@ def optimize(
         ir.check_writable(output)
 
     t0 = time.perf_counter()
-    # Nothing to compare with at the end and every pass lossless (a lossy one measures against the
-    # original): the model is only read through the IR and exported over itself, so its weights can
-    # stay in the file's bytes (a skeleton: see ir.load_with_source).
-    skeleton = verify == "off" and all(get_pass(name).exact for name in pipeline.pass_names())
+    # Every pass lossless (a lossy one measures against the original) and nothing to compare with at
+    # the end, or only files: the model is only read through the IR and exported over itself, so its
+    # weights can stay in the file's bytes (a skeleton: see ir.load_with_source).
+    exact_only = all(get_pass(name).exact for name in pipeline.pass_names())
+    # Verified and written, every pass lossless: the output is written first, to a temporary file
+    # beside -o, as without verification, and onnxruntime runs the input file and that one; so the
+    # input is not parsed whole, nor the output serialized in memory.  It is put in place once verified.
+    stream = (verify == "end" and exact_only and output is not None and eval_data is None
+              and external_data is not True and not isinstance(model, onnx.ModelProto))
+    skeleton = (verify == "off" and exact_only) or stream
     original, source = ir.load_with_source(model, skeleton=skeleton)
+    if stream and (source is None or not source.whole):  # (external data, or a model over SOURCE_LIMIT)
+        stream = False
+        if source is not None:
+            source.fill(original)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     feeds = _as_feeds_list(inputs, original)
     t_load = time.perf_counter() - t0
@@ -190,7 +200,17 @@ def optimize(
     # With nothing left to compare against, the original (graphopt's own copy, loaded from a path or
     # bytes) becomes the output: export rewrites it in place and the unchanged weights are not copied.
     raw = unwritten = None
-    if verify == "off" and not isinstance(model, onnx.ModelProto):
+    vfeeds = feeds
+    cannot: CannotGenerate | None = None
+    signature = None
+    if stream:  # what verification needs of the original, taken before export makes it the output
+        signature = _signature(original)
+        if vfeeds is None:
+            try:
+                vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
+            except CannotGenerate as e:
+                cannot = e
+    if (verify == "off" or stream) and not isinstance(model, onnx.ModelProto):
         optimized, raw, unwritten = ir.export_for_save(graph, original, source, defer=True)
     else:
         optimized = ir.export_graph(graph, original)
@@ -202,7 +222,10 @@ def optimize(
 
     verification = None
     t0 = time.perf_counter()
-    vfeeds = feeds
+
+    def whole_original() -> onnx.ModelProto:
+        """The input model with all its weights (when streaming, ``original`` became the output)."""
+        return ir.load(source.runnable(), check=False) if stream else original
 
     def failed(msg: str) -> VerificationError:
         """The error to raise; first writes a reproducer: the input model and the whole pipeline."""
@@ -210,62 +233,107 @@ def optimize(
             step = tracer.failures[0] if tracer.failures else trust.Failure(
                 "verification", "(the whole pipeline)", msg, 0, exact=not lossy, min_cosine=budget.min_cosine,
                 steps=[s.text for s in tracer.steps])
-            trust.record_failure(tracer, step, repro, original=original, feeds=vfeeds, ctx=ctx, report=report,
+            trust.record_failure(tracer, step, repro, original=whole_original(), feeds=vfeeds, ctx=ctx, report=report,
                                  source=report.input)
             msg += f" (reproducer: {repro})"
         trust.close(tracer)
         return VerificationError(msg, report.to_dict())
 
-    optimized_bytes = None
-    if verify != "off":
-        # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
-        # optimized model is written as: neither model is serialized just for it
-        original_bytes = source.data if (source is not None and source.whole and not source.stripped
-                                         and isinstance(source.data, bytes)) else None
-        if raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
-            optimized_bytes = optimized.SerializeToString()
-        try:
-            ir.check_model(optimized, "optimized model")
-        except InputError as e:
-            report.verification = {"status": "failed", "reason": str(e)}
-            raise failed(f"verification failed: {e}") from None
-        if vfeeds is None and lossy and calib is not None:
-            vfeeds = [f for _, f in zip(range(4), calib())]
-        try:
-            if vfeeds is None:
-                vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
-            ref_outs = None
-            if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
-                vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
-            verification = verify_models(original, optimized, vfeeds, exact=not lossy, budget=budget, eval_data=evald,
-                                         reference_outputs=ref_outs, original_bytes=original_bytes,
-                                         optimized_bytes=optimized_bytes)
-        except CannotGenerate as e:  # e.g. a sequence of unknown-rank tensors: say so, don't refuse the model
-            verification = Verification("not-verified", str(e), exact=not lossy)
-        report.verification = verification.to_dict()
-        if verification.status == "failed":
-            raise failed(f"verification failed: {verification.reason}")
-        if verification.status == "not-verified" and strict:
-            raise VerificationError(f"not verified ({verification.reason}) and --strict is on", report.to_dict())
-    else:
-        report.verification = {"status": "off"}
-    if tracer is not None and tracer.failures and repro is not None:  # --verify each rolled a pass back
-        trust.record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
-                             report=report, source=report.input)
-    trust.close(tracer)
-    t_verify = time.perf_counter() - t0
+    def optimized_whole() -> onnx.ModelProto:
+        if unwritten:
+            unwritten.complete()
+        return optimized
 
-    t0 = time.perf_counter()
-    out_path = None
-    if output is not None:
-        out_path = ir.save(optimized, output, external_data=external_data, protect=[src_path] if src_path else None,
-                           raw=raw, unwritten=unwritten, serialized=optimized_bytes)
+    optimized_bytes: bytes | str | None = None
+    staged: ir.Staged | None = None
+    try:
+        if verify != "off":
+            if stream:
+                staged = ir.stage(optimized, output, protect=[src_path] if src_path else None, raw=raw,
+                                  unwritten=unwritten)
+                if staged is None:  # 2 GB or more (external data): verified in memory, written after
+                    original = whole_original()
+                    stream = False
+                    optimized_whole()
+            # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
+            # optimized model is written as: neither model is serialized just for it
+            original_bytes = source.data if (source is not None and source.whole and not source.stripped
+                                             and isinstance(source.data, bytes)) else None
+            if stream:
+                original_bytes, optimized_bytes = source.runnable(), str(staged.tmp)
+            elif raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
+                optimized_bytes = optimized.SerializeToString()
+            try:
+                if stream:  # the file, checked as an input file is
+                    written, wsource = ir.load_with_source(staged.tmp, check=False, skeleton=True)
+                    ir.check_model(written, "optimized model", data=wsource.data if wsource else None, source=wsource)
+                    del written, wsource
+                else:
+                    ir.check_model(optimized, "optimized model")
+            except InputError as e:
+                report.verification = {"status": "failed", "reason": str(e)}
+                raise failed(f"verification failed: {e}") from None
+            if vfeeds is None and lossy and calib is not None:
+                vfeeds = [f for _, f in zip(range(4), calib())]
+            try:
+                if cannot is not None:
+                    raise cannot
+                if vfeeds is None:
+                    vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
+                ref_outs = None
+                if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
+                    vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
+                verification = verify_models(
+                    signature if stream else original, optimized, vfeeds, exact=not lossy, budget=budget,
+                    eval_data=evald, reference_outputs=ref_outs, original_bytes=original_bytes,
+                    optimized_bytes=optimized_bytes, original_whole=whole_original if stream else None,
+                    optimized_whole=optimized_whole if stream else None)
+            except CannotGenerate as e:  # e.g. a sequence of unknown-rank tensors: say so, don't refuse the model
+                verification = Verification("not-verified", str(e), exact=not lossy)
+            report.verification = verification.to_dict()
+            if verification.status == "failed":
+                raise failed(f"verification failed: {verification.reason}")
+            if verification.status == "not-verified" and strict:
+                raise VerificationError(f"not verified ({verification.reason}) and --strict is on", report.to_dict())
+        else:
+            report.verification = {"status": "off"}
+        if tracer is not None and tracer.failures and repro is not None:  # --verify each rolled a pass back
+            trust.record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
+                                 report=report, source=report.input)
+        trust.close(tracer)
+        t_verify = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out_path = None
+        if staged is not None:
+            out_path = staged.commit()
+        elif output is not None:
+            out_path = ir.save(optimized, output, external_data=external_data,
+                               protect=[src_path] if src_path else None, raw=raw, unwritten=unwritten,
+                               serialized=optimized_bytes if isinstance(optimized_bytes, bytes) else None)
+    except BaseException:
+        if staged is not None:
+            staged.discard()  # (nothing once committed)
+        raise
+    if out_path is not None:
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}
     if isinstance(tracer, trust.VerifyEachInstrument):  # included in "passes"
         report.seconds["verify_each"] = tracer.seconds
     return OptimizeResult(optimized, report, verification, out_path, unwritten)
+
+
+def _signature(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``'s signature alone (versions, inputs, outputs): what verification reads of a model
+    onnxruntime loads from its bytes."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.graph.name = model.graph.name
+    m.graph.input.extend(model.graph.input)
+    m.graph.output.extend(model.graph.output)
+    return m
 
 
 def verify(

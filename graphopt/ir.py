@@ -69,6 +69,21 @@ class Source:
                 now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns):
             raise InputError(f"{path}: the input file was rewritten while graphopt was using it; run again")
 
+    def runnable(self) -> bytes | str:
+        """The model as onnxruntime can load it (when ``whole``): the file itself while it is the
+        one that was mapped, unchanged, else the bytes (a copy of a mapping)."""
+        if self.mapped is not None:
+            path, then = self.mapped
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+                    then.st_dev, then.st_ino, then.st_size, then.st_mtime_ns):
+                return str(path)
+            self.guard()
+        return self.data if isinstance(self.data, bytes) else bytes(self.data)
+
     def raw(self, i: int) -> memoryview | None:
         """The raw bytes of initializer ``i`` (read-only, no copy), if the file holds them."""
         span = self.spans[i] if i < len(self.spans) else None
@@ -1208,11 +1223,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     external data is asked for).
     """
     path = Path(path)
-    if unwritten is not None and unwritten.source is not None:
-        unwritten.source.guard()  # (the views in raw may be of a mapped input file)
-    for p in protect or ():
-        if same_file(p, path):
-            raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
+    _before_writing(path, protect, unwritten)
     if serialized is not None and external_data is not True and len(serialized) < SIZE_LIMIT:
         _write_atomically([serialized], path)
         return path
@@ -1245,6 +1256,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _before_writing(path: Path, protect: list[str | os.PathLike] | None, unwritten: Unwritten | None) -> None:
+    if unwritten is not None and unwritten.source is not None:
+        unwritten.source.guard()  # (the views in raw may be of a mapped input file)
+    for p in protect or ():
+        if same_file(p, path):
+            raise InputError(f"{path}: refusing to overwrite the input model; choose another -o")
 
 
 def _serialized(model: onnx.ModelProto, raw: list[memoryview | None],
@@ -1285,6 +1304,12 @@ def _write_atomically(data: list[bytes | memoryview], path: Path) -> None:
     """``data`` (pieces, written in order) into ``path`` through a hidden temporary file beside it and
     a rename: a reader sees the old file or the new one, never half of one.  The file gets the usual
     mode (0666 less umask)."""
+    _commit(_write_temp(data, path), path)
+
+
+def _write_temp(data: list[bytes | memoryview], path: Path) -> Path:
+    """``data`` written to a new hidden temporary file beside ``path``; its path.  Nothing is left
+    behind when that fails."""
     folder = _output_folder(path)
     tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
@@ -1296,6 +1321,20 @@ def _write_atomically(data: list[bytes | memoryview], path: Path) -> None:
             _write_pieces(fd, data)
         finally:
             os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InputError(f"{path}: cannot write: {e.strerror}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename the temporary file ``tmp`` onto ``path``; on failure it is deleted."""
+    try:
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -1305,6 +1344,48 @@ def _write_atomically(data: list[bytes | memoryview], path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class Staged:
+    """A model written to a hidden temporary file beside ``path`` (:func:`stage`) and not in place
+    yet: :meth:`commit` renames it onto ``path``, :meth:`discard` deletes it."""
+
+    def __init__(self, tmp: Path, path: Path) -> None:
+        self.tmp = tmp
+        self.path = path
+        self._done = False
+
+    def commit(self) -> Path:
+        if self._done:
+            raise RuntimeError("already committed or discarded")
+        self._done = True
+        _commit(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+
+def stage(model: onnx.ModelProto, path: str | os.PathLike, *, protect: list[str | os.PathLike] | None = None,
+          raw: list[memoryview | None] | None = None, unwritten: Unwritten | None = None) -> Staged | None:
+    """Write ``model`` as :func:`save` does, but to a temporary file beside ``path``, and leave it
+    there (for a check of the very bytes that are to be put in place); None, writing nothing, when
+    it would need external data (2 GB and more): :func:`save` writes those."""
+    path = Path(path)
+    _before_writing(path, protect, unwritten)
+    pieces = _serialized(model, raw, unwritten) if raw is not None else None
+    if pieces is None:
+        if unwritten:
+            unwritten.complete()
+        if approx_size(model) >= SIZE_LIMIT:
+            return None
+        pieces = [model.SerializeToString()]
+    elif sum(len(p) for p in pieces) >= SIZE_LIMIT:
+        return None
+    return Staged(_write_temp(pieces, path), path)
 
 
 _IOV_MAX = 1024  # pieces per writev call (POSIX's minimum IOV_MAX is 16; Linux and macOS allow 1024)

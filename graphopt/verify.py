@@ -14,6 +14,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import numpy as np
@@ -151,13 +152,18 @@ class Runner:
     """Runs one model many times: onnxruntime first, the reference evaluator as the fallback."""
 
     def __init__(self, model: onnx.ModelProto, *, extra_outputs: Sequence[str] | None = None, level: str = "disable",
-                 threads: int = 1, allow_reference: bool = True, serialized: bytes | None = None):
-        """``serialized``: ``model``'s bytes, when the caller has them (onnxruntime parses those instead
-        of a serialization made here: for a 45 MB model that is ~150 ms)."""
+                 threads: int = 1, allow_reference: bool = True, serialized: bytes | str | None = None,
+                 whole: Callable[[], onnx.ModelProto] | None = None):
+        """``serialized``: ``model``'s bytes, or the path of its file, when the caller has them
+        (onnxruntime parses those instead of a serialization made here: for a 45 MB model that is
+        ~150 ms).  ``whole``: gives ``model`` with all its weights, where ``model`` lacks some (only
+        its signature is read then, unless the reference evaluator has to run it)."""
         if extra_outputs:
+            model = whole() if whole is not None else model
             model = with_outputs(model, extra_outputs)
-            serialized = None
+            serialized = whole = None
         self.model = model
+        self._whole = whole
         self.output_names = [o.name for o in model.graph.output]
         self.backend = "onnxruntime"
         self.fallback_reason = ""
@@ -175,6 +181,8 @@ class Runner:
         from onnx.reference import ReferenceEvaluator
 
         try:
+            if self._whole is not None:
+                self.model, self._whole = self._whole(), None
             self._ref = ReferenceEvaluator(self.model)
             self.backend = "onnx.reference"
         except Exception as e:
@@ -390,8 +398,10 @@ def verify_models(
     seed: int = 0,
     reference_outputs: list[dict[str, np.ndarray]] | None = None,
     original_bytes: bytes | None = None,
-    optimized_bytes: bytes | None = None,
+    optimized_bytes: bytes | str | None = None,
     parallel: bool = True,
+    original_whole: Callable[[], onnx.ModelProto] | None = None,
+    optimized_whole: Callable[[], onnx.ModelProto] | None = None,
 ) -> Verification:
     """Compare ``optimized`` with ``original`` on ``feeds`` (generated from the signature if None).
 
@@ -402,8 +412,11 @@ def verify_models(
     with untrained weights -- would decide alone, and says more about the sample than the model).
     ``original_bytes``, ``optimized_bytes``: the models serialized, where the caller has them (the
     file the original was read from, the bytes the optimized model is written as): onnxruntime runs
-    those, and neither model is serialized again here.  ``parallel``: on two or more cores, load and
-    run the two models at the same time (:func:`_side_by_side`).
+    those, and neither model is serialized again here; ``optimized_bytes`` may be the path of the
+    file it was written to.  ``original_whole``, ``optimized_whole``: give the models with all their
+    weights where ``original`` or ``optimized`` lacks some (a skeleton: see :class:`Runner`).
+    ``parallel``: on two or more cores, load and run the two models at the same time
+    (:func:`_side_by_side`).
     """
     from .pass_base import Budget
 
@@ -415,8 +428,9 @@ def verify_models(
         feeds = generate_feeds(original, seed=seed, input_shapes=input_shapes)
     with _side_by_side(parallel and reference_outputs is None and cores() > 1) as both:
         (ref_runner, err), (got_runner, got_err) = both(
-            (lambda: Runner(original, serialized=original_bytes)) if reference_outputs is None else None,
-            lambda: Runner(optimized, serialized=optimized_bytes))
+            (lambda: Runner(original, serialized=original_bytes, whole=original_whole))
+            if reference_outputs is None else None,
+            lambda: Runner(optimized, serialized=optimized_bytes, whole=optimized_whole))
         if err is not None:
             return Verification("not-verified", f"the original model cannot be run: {err}", exact=exact)
         if got_err is not None:

@@ -1,6 +1,9 @@
 """Verification: metrics, the exact tolerance rule, shapes/dtypes, fallback and not-verified."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -132,7 +135,52 @@ def test_optimize_verifies_against_the_file_as_read(tmp_path, fixtures_dir):
 
     res = graphopt.optimize(fixtures_dir / "tiny_cnn.onnx", "O1", output=tmp_path / "o.onnx")
     assert res.verification.status == "passed"
-    assert (tmp_path / "o.onnx").read_bytes() == res.model.SerializeToString()
+    written = onnx.load(tmp_path / "o.onnx")
+    assert written.SerializeToString() == res.model.SerializeToString()  # (the file's fields may come in another order)
+
+
+def test_the_file_put_in_place_is_the_file_onnxruntime_ran(tmp_path, fixtures_dir, monkeypatch):
+    """Verified and written: the output goes to a temporary file first, onnxruntime runs the input file
+    and that one, and it is renamed into place only once verified; a failed verification leaves
+    neither it nor anything else behind."""
+    import importlib
+
+    import graphopt
+
+    verify = importlib.import_module("graphopt.verify")
+    loaded: list[object] = []
+    make = verify.make_session
+
+    def spy(model, *a, **k):
+        loaded.append(model if not isinstance(model, str) else ("file", model, Path(model).read_bytes()))
+        return make(model, *a, **k)
+
+    monkeypatch.setattr(verify, "make_session", spy)
+    src = fixtures_dir / "tiny_cnn.onnx"
+    out = tmp_path / "o.onnx"
+    res = graphopt.optimize(src, "O2", output=out)
+    assert res.verification.status == "passed"
+    files = {path: data for kind, path, data in (x for x in loaded if isinstance(x, tuple))}
+    assert set(files) == {str(src), next(p for p in files if p != str(src))}  # both models ran from files
+    staged = next(p for p in files if p != str(src))
+    assert os.path.dirname(staged) == str(tmp_path) and os.path.basename(staged).startswith(".o.onnx.")
+    assert files[staged] == out.read_bytes() and not os.path.exists(staged)
+    assert os.listdir(tmp_path) == ["o.onnx"]
+
+    # a verification that fails: nothing is written, the temporary file is gone
+    real = verify.compare_outputs
+
+    def wrong(ref, got, **k):
+        return real(ref, {n: v + 1 for n, v in got.items()}, **k)
+
+    monkeypatch.setattr(verify, "compare_outputs", wrong)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(graphopt.VerificationError):
+        graphopt.optimize(src, "O2", output=bad / "o.onnx", repro_dir=tmp_path / "repro")
+    assert os.listdir(bad) == []
+    # the reproducer holds the input model, whole
+    assert onnx.load(tmp_path / "repro" / "model.onnx").SerializeToString() == onnx.load(src).SerializeToString()
 
 
 @pytest.mark.parametrize("parallel", [True, False])
