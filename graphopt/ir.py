@@ -1316,26 +1316,26 @@ def _write_temp(data: list[bytes | memoryview], path: Path) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from None
-    try:
+    with _deleted_on_failure(tmp, path):
         try:
             _write_pieces(fd, data)
         finally:
             os.close(fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise InputError(f"{path}: cannot write: {e.strerror}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return tmp
 
 
 def _commit(tmp: Path, path: Path) -> None:
     """Rename the temporary file ``tmp`` onto ``path``; on failure it is deleted."""
-    try:
+    with _deleted_on_failure(tmp, path):
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _deleted_on_failure(tmp: Path, path: Path):
+    """Deletes the temporary file ``tmp`` if the block fails; an OSError becomes a one-line error
+    about writing ``path``."""
+    try:
+        yield
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
