@@ -1,6 +1,7 @@
 """IR import/export: a round trip with no passes keeps everything the issue lists."""
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -376,6 +377,37 @@ def test_pieces_are_written_whole_through_short_writes_and_without_writev(tmp_pa
     ir._write_atomically(data, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == want
     assert how != "short" or len(calls) >= len(want) // 1000
+
+
+@pytest.mark.parametrize("fails", ["write", "rename", "interrupt"])
+def test_a_failed_write_leaves_the_old_output_and_no_temporary_file(tmp_path, monkeypatch, fails):
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"old")
+
+    def broken(*a, **k):
+        if fails == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace" if fails == "rename" else "writev", broken)
+    with pytest.raises(KeyboardInterrupt if fails == "interrupt" else InputError,
+                       match=None if fails == "interrupt" else "out.bin: cannot write: No space left on device"):
+        ir._write_atomically([b"new"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"] and out.read_bytes() == b"old"
+
+
+def test_a_staged_model_is_in_place_only_once_committed(tmp_path, fixtures_dir):
+    m = onnx.load(fixtures_dir / "tiny_cnn.onnx")
+    out = tmp_path / "o.onnx"
+    staged = ir.stage(m, out)
+    assert not out.exists() and staged.tmp.parent == tmp_path and staged.tmp.name.startswith(".o.onnx.")
+    assert onnx.load(staged.tmp) == m
+    assert staged.commit() == out and onnx.load(out) == m and not staged.tmp.exists()
+    again = ir.stage(m, out)
+    again.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
+    with pytest.raises(RuntimeError):
+        again.commit()
 
 
 @pytest.mark.parametrize("external", [None, True])
