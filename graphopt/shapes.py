@@ -44,10 +44,10 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
     g.node.extend(ir.export_nodes(graph))  # untouched nodes: their imported protos
     io = set()
     for t in graph.inputs:
-        g.input.append(OnnxExporter.export_value_info_proto(t, False))
+        ir.value_info_into(t, g.input.add())
         io.add(t.name)
     for t in graph.outputs:
-        g.output.append(OnnxExporter.export_value_info_proto(t, False))
+        ir.value_info_into(t, g.output.add())
         io.add(t.name)
     for name, t in ir.tensor_map(graph).items():
         if name in io:
@@ -63,7 +63,7 @@ def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.Mode
             else:
                 g.input.append(onnx.helper.make_tensor_value_info(name, dtype_to_onnx(t.export_dtype), list(t.shape)))
         elif t.dtype is not None or t.shape is not None:
-            g.value_info.append(OnnxExporter.export_value_info_proto(t, False))
+            ir.value_info_into(t, g.value_info.add())
     return m
 
 
