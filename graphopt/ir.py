@@ -593,10 +593,15 @@ def _remember_source(graph: gs.Graph, model: onnx.ModelProto, pairs: list | None
     for n, p, plain in pairs:
         if plain:  # (its key from the proto's name lists: the same lists, made in C)
             src[id(n)] = (n, p, _node_key(n, list(p.input), list(p.output)))
-        elif n.op == p.op_type and not any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
-                                           for v in n.attrs.values()):
+        elif n.op == p.op_type and not _has_graph_attrs(n):
             src[id(n)] = (n, p, _node_key(n))
     graph.__dict__[_SOURCE_NODES] = src
+
+
+def _has_graph_attrs(n: gs.Node) -> bool:
+    """Whether ``n`` holds subgraphs, which its key does not follow into (they change in place)."""
+    return any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
+               for v in n.attrs.values())
 
 
 def _node_key(n: gs.Node, inputs: list[str] | None = None, outputs: list[str] | None = None) -> tuple:
@@ -654,13 +659,21 @@ def _unchanged_proto(n: gs.Node, entry) -> onnx.NodeProto | None:
 
 
 def export_nodes(graph: gs.Graph) -> list[onnx.NodeProto]:
-    """The NodeProtos of ``graph``'s nodes: for a node no pass touched, the one it was imported from."""
-    src = graph.__dict__.get(_SOURCE_NODES) or {}
+    """The NodeProtos of ``graph``'s nodes: for a node no pass touched since it was imported or last
+    exported, that proto (shape inference exports the graph after every change, and gs spends ~100
+    us on a Conv; the protos returned are copied into a model, never changed)."""
+    src = graph.__dict__.get(_SOURCE_NODES)
+    if src is None:
+        src = graph.__dict__[_SOURCE_NODES] = {}
     out = []
     for n in graph.nodes:
         entry = src.get(id(n))
         p = _unchanged_proto(n, entry) if entry is not None else None
-        out.append(p if p is not None else OnnxExporter.export_node(n))
+        if p is None:
+            p = OnnxExporter.export_node(n)
+            if not _has_graph_attrs(n):
+                src[id(n)] = (n, p, _node_key(n))
+        out.append(p)
     return out
 
 

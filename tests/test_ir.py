@@ -236,6 +236,29 @@ def test_export_copies_untouched_nodes_and_reexports_changed_ones():
     assert list(out.graph.node[2].input) == ["y"]
 
 
+def test_a_node_exported_once_is_not_exported_again_until_it_changes(monkeypatch):
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 4] x) => (float[4, 3, 2] y) { t = Transpose <perm = [2, 1, 0]> (x)  y = Relu(t) }""")
+    g = ir.import_model(m)
+    tr, relu = g.nodes
+    tr.attrs["perm"] = [2, 0, 1]  # changed: exported by gs, once
+    exported = []
+    real = OnnxExporter.export_node
+    monkeypatch.setattr(OnnxExporter, "export_node", staticmethod(lambda n: exported.append(n.op) or real(n)))
+    first, again = ir.export_nodes(g), ir.export_nodes(g)
+    assert exported == ["Transpose"] and first[0] is again[0] and first[1] is again[1]
+    assert list(next(a.ints for a in again[0].attribute if a.name == "perm")) == [2, 0, 1]
+    tr.attrs["perm"][1] = 1  # in place
+    relu.outputs[0].name = "y2"
+    third = ir.export_nodes(g)
+    assert exported == ["Transpose", "Transpose", "Relu"]
+    assert list(next(a.ints for a in third[0].attribute if a.name == "perm")) == [2, 1, 1]
+    assert list(third[1].output) == ["y2"]
+
+
 def test_uses_external_data_finds_tensor_attributes_in_subgraphs():
     m = _rich_model()
     assert not ir.uses_external_data(m)
