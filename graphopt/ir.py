@@ -281,9 +281,11 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
     cheaper).
     """
     try:
-        _check_weights(model, what, data, source)
+        heavy = [i for i, t in enumerate(model.graph.initializer) if _is_heavy(t)]  # (upb reads: once)
+        _check_weights(model, what, data, source, heavy)
         # (a skeleton with external data has them loaded into the model since, not in its bytes)
-        light = light_model(model, serialized=source.skeleton if source is not None and source.whole else None)
+        light = light_model(model, serialized=source.skeleton if source is not None and source.whole else None,
+                            heavy=heavy)
         serialized = light.SerializeToString()
         if len(serialized) < SIZE_LIMIT:
             onnx.checker.check_model(serialized)
@@ -317,21 +319,23 @@ def _is_heavy(t: onnx.TensorProto) -> bool:
 _light_kept: list = []
 
 
-def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: bytes | None = None) -> onnx.ModelProto:
+def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: bytes | None = None,
+                heavy: list[int] | None = None) -> onnx.ModelProto:
     """``model`` without its heavy weights: each becomes a graph input of the same type and shape (IR
     4 and later let an input stand for a weight; for IR 3 every initializer is an input anyway).
     Nodes, signature, value_info (unless ``value_info=False``), small initializers and subgraphs are
     copied as they are.  What the checker and shape inference see is the same model, at a fraction of
     the bytes.  ``serialized``: ``model`` serialized, when that is small (a skeleton's bytes): the
     light model is then made from a parse of it, which costs a tenth of copying ``model`` field by
-    field."""
+    field.  ``heavy``: the indices of the initializers :func:`_is_heavy` picks, when the caller has
+    them (each check reads the tensor through upb)."""
     kept = _light_kept[:]
     if kept:
         _light_kept.clear()
         if kept[0] is model and not value_info:
             return kept[1]
     if serialized is not None:
-        return _light_from_copy(onnx.ModelProto.FromString(serialized), value_info)
+        return _light_from_copy(onnx.ModelProto.FromString(serialized), value_info, heavy)
     g = model.graph
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -348,8 +352,9 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: 
         lg.value_info.extend(g.value_info)
     lg.sparse_initializer.extend(g.sparse_initializer)
     listed = {vi.name for vi in g.input}
-    for t in g.initializer:
-        if not _is_heavy(t):
+    is_heavy = set(heavy) if heavy is not None else None
+    for i, t in enumerate(g.initializer):
+        if not (_is_heavy(t) if is_heavy is None else i in is_heavy):
             lg.initializer.append(t)
         elif t.name not in listed:
             _input_for(t, lg.input.add())
@@ -374,8 +379,9 @@ _LIGHT_MODEL_FIELDS = {"ir_version", "opset_import", "functions", "producer_name
 _LIGHT_GRAPH_FIELDS = {"name", "node", "input", "output", "value_info", "sparse_initializer", "initializer"}
 
 
-def _light_from_copy(m: onnx.ModelProto, value_info: bool) -> onnx.ModelProto:
-    """:func:`light_model` made by cutting down ``m``, a copy of the model."""
+def _light_from_copy(m: onnx.ModelProto, value_info: bool, heavy: list[int] | None = None) -> onnx.ModelProto:
+    """:func:`light_model` made by cutting down ``m``, a copy of the model (``heavy``: the indices of
+    its heavy initializers, when known)."""
     for f, _ in m.ListFields():
         if f.name not in _LIGHT_MODEL_FIELDS:
             m.ClearField(f.name)
@@ -384,7 +390,8 @@ def _light_from_copy(m: onnx.ModelProto, value_info: bool) -> onnx.ModelProto:
         if f.name not in _LIGHT_GRAPH_FIELDS or (f.name == "value_info" and not value_info):
             g.ClearField(f.name)
     inits = g.initializer
-    heavy = [i for i, t in enumerate(inits) if _is_heavy(t)]
+    if heavy is None:
+        heavy = [i for i, t in enumerate(inits) if _is_heavy(t)]
     if not heavy:
         return m
     listed = {vi.name for vi in g.input}
@@ -396,7 +403,8 @@ def _light_from_copy(m: onnx.ModelProto, value_info: bool) -> onnx.ModelProto:
     return m
 
 
-def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None, source: Source | None = None) -> None:
+def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None, source: Source | None = None,
+                   heavy: list[int] | None = None) -> None:
     """The checks onnx.checker makes on the weights :func:`light_model` leaves out.
 
     ``data``: the bytes ``model`` was parsed from; their wire format gives each weight's byte count
@@ -408,9 +416,9 @@ def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None,
     lengths = None if spans is None else [-1 if sp is None else sp[1] - sp[0] for sp in spans]
     if lengths is not None and len(lengths) != len(g.initializer):
         lengths = None
-    for i, t in enumerate(g.initializer):
-        if not _is_heavy(t):
-            continue
+    inits = g.initializer
+    for i in (heavy if heavy is not None else [i for i, t in enumerate(inits) if _is_heavy(t)]):
+        t = inits[i]
         if listed is not None and t.name not in listed:
             raise InputError(f"{what}: fails onnx.checker: {t.name} in initializer but not in graph input")
         have = lengths[i] if lengths is not None and lengths[i] >= 0 else len(t.raw_data)
