@@ -255,14 +255,15 @@ def optimize(
                     original = whole_original()
                     stream = False
                     optimized_whole()
-            # onnxruntime runs the bytes the original was read from (when they are all of it) and those the
-            # optimized model is written as: neither model is serialized just for it
-            original_bytes = source.data if (source is not None and source.whole and not source.stripped
-                                             and isinstance(source.data, bytes)) else None
+            # onnxruntime runs the file or bytes the original was read from (when they are all of it) and
+            # the file or bytes the optimized model is written as: neither model is serialized just for it
             if stream:
                 original_bytes, optimized_bytes = source.runnable(), str(staged.tmp)
-            elif raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
-                optimized_bytes = optimized.SerializeToString()
+            else:
+                original_bytes = source.data if (source is not None and source.whole and not source.stripped
+                                                 and isinstance(source.data, bytes)) else None
+                if raw is None and size_after < ir.SIZE_LIMIT and external_data is not True:
+                    optimized_bytes = optimized.SerializeToString()
             try:
                 if stream:  # the file, checked as an input file is
                     written, wsource = ir.load_with_source(staged.tmp, check=False, skeleton=True)

@@ -58,29 +58,27 @@ class Source:
         """Before reading a mapped file's bytes after the run: a one-line error, not a crash (SIGBUS),
         if the file was rewritten in place meanwhile.  A file replaced (renamed over) or deleted is
         fine: the mapping keeps the old one."""
-        if self.mapped is None:
-            return
+        if self.mapped is not None and self._change() == "rewritten":
+            raise InputError(f"{self.mapped[0]}: the input file was rewritten while graphopt was using it; run again")
+
+    def _change(self) -> str | None:
+        """What became of the mapped file: None (it is as it was), ``"replaced"`` (another file or
+        none at its path) or ``"rewritten"`` (in place)."""
         path, then = self.mapped
         try:
             now = os.stat(path)
         except OSError:
-            return
-        if (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino) and (
-                now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns):
-            raise InputError(f"{path}: the input file was rewritten while graphopt was using it; run again")
+            return "replaced"
+        if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+            return "replaced"
+        return "rewritten" if (now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns) else None
 
     def runnable(self) -> bytes | str:
         """The model as onnxruntime can load it (when ``whole``): the file itself while it is the
         one that was mapped, unchanged, else the bytes (a copy of a mapping)."""
         if self.mapped is not None:
-            path, then = self.mapped
-            try:
-                now = os.stat(path)
-            except OSError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
-                    then.st_dev, then.st_ino, then.st_size, then.st_mtime_ns):
-                return str(path)
+            if self._change() is None:
+                return str(self.mapped[0])
             self.guard()
         return self.data if isinstance(self.data, bytes) else bytes(self.data)
 

@@ -720,6 +720,28 @@ def test_an_input_file_rewritten_after_the_run_is_an_error_not_a_crash(tmp_path,
         assert _canonical(res.model) == _canonical(expected)
 
 
+@pytest.mark.parametrize("how", ["unchanged", "rewritten", "replaced"])
+def test_onnxruntime_gets_the_input_file_only_while_it_is_the_one_mapped(tmp_path, how):
+    m = _skeleton_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    data = path.read_bytes()
+    _, source = ir.load_with_source(path, skeleton=True)
+    other = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])).SerializeToString()
+    if how == "unchanged":
+        assert source.runnable() == str(path)
+    elif how == "rewritten":
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(other)
+        with pytest.raises(InputError, match="rewritten while graphopt was using it"):
+            source.runnable()
+    else:
+        (tmp_path / "new.onnx").write_bytes(other)
+        os.replace(tmp_path / "new.onnx", path)
+        assert source.runnable() == data  # the mapping's bytes: the file as it was read
+
+
 def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch):
     import mmap
 
