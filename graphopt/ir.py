@@ -279,8 +279,8 @@ def check_model(model: onnx.ModelProto, what: str = "model", data: bytes | None 
     cheaper).
     """
     try:
-        heavy = [i for i, t in enumerate(model.graph.initializer) if _is_heavy(t)]  # (upb reads: once)
-        _check_weights(model, what, data, source, heavy)
+        heavy = heavy_indices(model.graph.initializer)  # (reads through upb: once)
+        _check_weights(model, what, heavy, data, source)
         # (a skeleton with external data has them loaded into the model since, not in its bytes)
         light = light_model(model, serialized=source.skeleton if source is not None and source.whole else None,
                             heavy=heavy)
@@ -312,6 +312,11 @@ def _is_heavy(t: onnx.TensorProto) -> bool:
             and wire.nbytes(t) > LIGHT_BYTES)
 
 
+def heavy_indices(inits) -> list[int]:
+    """The indices of the initializers (a repeated TensorProto field) a light model leaves out."""
+    return [i for i, t in enumerate(inits) if _is_heavy(t)]
+
+
 # [model, its light model without value_info] as check_model left it: the next light_model(model,
 # value_info=False) takes it instead of building it again (once; the caller may change it).
 _light_kept: list = []
@@ -325,8 +330,8 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: 
     copied as they are.  What the checker and shape inference see is the same model, at a fraction of
     the bytes.  ``serialized``: ``model`` serialized, when that is small (a skeleton's bytes): the
     light model is then made from a parse of it, which costs a tenth of copying ``model`` field by
-    field.  ``heavy``: the indices of the initializers :func:`_is_heavy` picks, when the caller has
-    them (each check reads the tensor through upb)."""
+    field.  ``heavy``: :func:`heavy_indices` of the model's initializers, when the caller has them
+    (each check reads the tensor through upb)."""
     kept = _light_kept[:]
     if kept:
         _light_kept.clear()
@@ -350,9 +355,9 @@ def light_model(model: onnx.ModelProto, *, value_info: bool = True, serialized: 
         lg.value_info.extend(g.value_info)
     lg.sparse_initializer.extend(g.sparse_initializer)
     listed = {vi.name for vi in g.input}
-    is_heavy = set(heavy) if heavy is not None else None
+    is_heavy = set(heavy if heavy is not None else heavy_indices(g.initializer))
     for i, t in enumerate(g.initializer):
-        if not (_is_heavy(t) if is_heavy is None else i in is_heavy):
+        if i not in is_heavy:
             lg.initializer.append(t)
         elif t.name not in listed:
             _input_for(t, lg.input.add())
@@ -389,7 +394,7 @@ def _light_from_copy(m: onnx.ModelProto, value_info: bool, heavy: list[int] | No
             g.ClearField(f.name)
     inits = g.initializer
     if heavy is None:
-        heavy = [i for i, t in enumerate(inits) if _is_heavy(t)]
+        heavy = heavy_indices(inits)
     if not heavy:
         return m
     listed = {vi.name for vi in g.input}
@@ -401,9 +406,10 @@ def _light_from_copy(m: onnx.ModelProto, value_info: bool, heavy: list[int] | No
     return m
 
 
-def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None, source: Source | None = None,
-                   heavy: list[int] | None = None) -> None:
-    """The checks onnx.checker makes on the weights :func:`light_model` leaves out.
+def _check_weights(model: onnx.ModelProto, what: str, heavy: list[int], data: bytes | None = None,
+                   source: Source | None = None) -> None:
+    """The checks onnx.checker makes on the weights :func:`light_model` leaves out (``heavy``: their
+    indices, :func:`heavy_indices`).
 
     ``data``: the bytes ``model`` was parsed from; their wire format gives each weight's byte count
     without reading the weight (upb copies a bytes field on every read: over a whole model, a second
@@ -415,7 +421,7 @@ def _check_weights(model: onnx.ModelProto, what: str, data: bytes | None = None,
     if lengths is not None and len(lengths) != len(g.initializer):
         lengths = None
     inits = g.initializer
-    for i in (heavy if heavy is not None else [i for i, t in enumerate(inits) if _is_heavy(t)]):
+    for i in heavy:
         t = inits[i]
         if listed is not None and t.name not in listed:
             raise InputError(f"{what}: fails onnx.checker: {t.name} in initializer but not in graph input")
