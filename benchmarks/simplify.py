@@ -12,8 +12,8 @@ the two load+save timings around it).
 
 ``--fresh``: every timing in a process of its own, the way ``graphopt optimize`` runs (a long-lived
 process reuses memory the previous call faulted in, which favours whichever call comes second);
-imports and a warm-up call on the bundled tiny model are excluded on both sides, and the A, B, A'
-order of a round stays.
+imports and a warm-up call on the bundled tiny model are excluded on every side, and the A, B, A'
+order of a round stays (the peers, unless ``--no-peers``, run between B and A').
 
 ``--cli``: the commands as a user times them, each a process of its own from interpreter start to exit:
 ``graphopt optimize MODEL -o OUT -O1 --verify off -q`` (the console script beside this Python) against
@@ -86,7 +86,8 @@ def _run_peer(peer: str, path: str, out: str) -> None:
 
 _TINY = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny_cnn.onnx")
 
-# One timing in a fresh process: argv = clock, tool, model, output folder.  Prints seconds.
+# One timing in a fresh process: argv = clock, tool, model, output folder, warm-up model, this folder.
+# Prints seconds.
 _FRESH = """
 import sys, time, onnx
 clock = time.perf_counter if sys.argv[1] == "wall" else time.thread_time
@@ -94,9 +95,13 @@ tool, path, d = sys.argv[2:5]
 if tool == "graphopt":
     from graphopt import api
     run = lambda p, out: api.optimize(p, "O1", output=out, verify="off")
-else:
+elif tool == "onnx":
     def run(p, out):
         onnx.save(onnx.load(p), out)
+else:  # a peer, run as the in-process rounds run it
+    sys.path.insert(0, sys.argv[6])
+    from simplify import _run_peer
+    run = lambda p, out: _run_peer(tool, p, out)
 run(sys.argv[5], d + "/warm.onnx")  # imports and first-call work, on another (tiny) model
 t = clock()
 run(path, d + "/out.onnx")
@@ -126,7 +131,8 @@ def _floor(path: str, out: str) -> None:
 
 
 def _fresh(clock: str, tool: str, path: str, d: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _FRESH, clock, tool, path, d, _TINY], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _FRESH, clock, tool, path, d, _TINY, str(Path(__file__).parent)],
+                         capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     if out.returncode != 0:
         raise SystemExit(f"{tool} on {path} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--fresh", action="store_true", help="each timing in a fresh process (peers not timed)")
+    ap.add_argument("--fresh", action="store_true", help="each timing in a fresh process (peers too, unless --no-peers)")
     ap.add_argument("--cli", action="store_true", help="whole commands, interpreter start to exit (peers not timed; "
                     "wall clock)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -201,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                 one = (lambda tool: _command(tool, path, d)) if args.cli else (lambda tool: _fresh(args.clock, tool, path, d))
                 a.append(one("onnx"))
                 b.append(one("graphopt"))
+                if args.fresh and not args.no_peers:
+                    for peer in ("onnxsim", "onnxslim"):
+                        try:
+                            peer_t[peer].append(one(peer))
+                        except SystemExit:  # a peer failing is a result (its node count says how), not a crash
+                            pass
                 a2.append(one("onnx"))
                 passes_t.append(float("nan"))
             for _ in range(0 if separate else args.rounds):
