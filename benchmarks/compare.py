@@ -144,7 +144,7 @@ def _tool_fn(tool: str, src: str, dst: str, opts: dict[str, Any]) -> Callable[[]
 
         def run():
             res = graphopt.optimize(src, opts["pipeline"], output=dst, inputs=opts.get("inputs"),
-                                    calibration=opts.get("calib"), seed=0)
+                                    calibration=opts.get("calib"), seed=0, verify=opts.get("verify", "end"))
             v = res.verification.status if res.verification else "off"
             return {"verification": v, "passes_s": res.report.seconds.get("passes")}
         return run
@@ -352,6 +352,11 @@ def load_case(path: Path, seed: int = 0) -> ModelCase:
     return ModelCase(path.stem, path, kind, feeds, feeds, calib, mt)
 
 
+# Issue 4's speed line: -O1 without verification against the floor (onnx.load + onnx.save).  Its model is
+# the verified graphopt-O1's, so it is timed and checked but left out of the latency rounds.
+NOVERIFY = "graphopt-O1-noverify"
+
+
 def tool_plan(case: ModelCase, args) -> list[tuple[str, str, dict[str, Any]]]:
     """(column, worker tool, options) for this model, read from the registry at run time."""
     from graphopt.pass_base import registered_passes
@@ -362,6 +367,7 @@ def tool_plan(case: ModelCase, args) -> list[tuple[str, str, dict[str, Any]]]:
         if name == "O0":
             continue
         plan.append((f"graphopt-{name}", "graphopt", {"pipeline": name}))
+    plan.append((NOVERIFY, "graphopt", {"pipeline": "O1", "verify": "off"}))
     for spec in args.pipeline or []:
         label, _, text = spec.partition("=")
         plan.append((f"graphopt-{label}", "graphopt", {"pipeline": text}))
@@ -454,6 +460,8 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
         status = f"error: {r['error']}" if "error" in r else f"{r.get('seconds', 0):6.2f} s, {r.get('nodes')} nodes"
         log(f"  {col:18s} {status}")
 
+    floor_ratios(rec["tools"])
+
     # 2. deviation from the original (ORT_DISABLE_ALL, the model's sample inputs)
     def _sess(p: Path, level: str):
         return ort_session(p, level, 1)
@@ -476,7 +484,7 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
     del ref_sess
 
     # 3. latency ratios vs the original: original, control (the original again), every runnable output
-    cands = [("original", case.path), ("control", case.path)] + list(runnable.items())
+    cands = [("original", case.path), ("control", case.path)] + [(c, p) for c, p in runnable.items() if c != NOVERIFY]
     for level in ("disable", "all"):
         sessions, names = [], []
         for col, p in cands:
@@ -504,6 +512,14 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
             f" original {base.median_ms:.3f} ms, control ratio {stats[1].median_ms / base.median_ms:.3f}")
         del sessions
     return rec
+
+
+def floor_ratios(tools: dict[str, dict[str, Any]]) -> None:
+    """Each tool's wall time over the floor's (onnx.load + onnx.save), as ``x_floor``."""
+    floor_s = tools.get("floor", {}).get("seconds")
+    for t in tools.values():
+        if floor_s and t.get("seconds") is not None:
+            t["x_floor"] = t["seconds"] / floor_s
 
 
 # ==================================================================================================
@@ -562,6 +578,8 @@ def _fmt(v: Any, kind: str) -> str:
         return f"{v:.2f}" if v < 10 else f"{v:.1f}"
     if kind == "ratio":
         return f"{v:.3f}"
+    if kind == "x":
+        return f"{v:.2f}" if v < 10 else f"{v:.1f}"
     if kind == "sci":
         return "0" if v == 0 else f"{v:.2e}"
     if kind == "cos":
@@ -578,7 +596,9 @@ METRICS: list[tuple[str, str, Callable[[dict], Any], str, set[str]]] = [
     ("Node count", "int", lambda t: t.get("nodes"), "nodes in the graph (subgraphs included)", {"control"}),
     ("File size (MiB)", "mib", lambda t: t.get("bytes"), "", {"control"}),
     ("Optimizer wall time (s)", "s", lambda t: t.get("seconds"), "load -> optimize -> save in the tool's own process, imports excluded; "
-     "graphopt includes its verification; floor = onnx.load + onnx.save", {"original", "control"}),
+     "graphopt includes its verification (not in " + NOVERIFY + "); floor = onnx.load + onnx.save", {"original", "control"}),
+    ("Optimizer wall time / floor", "x", lambda t: t.get("x_floor"), "one run each, so read it with the noise of a single "
+     "timing (benchmarks/simplify.py --fresh repeats the floor and -O1 timings in interleaved rounds)", {"original", "control", "floor"}),
     ("Optimizer peak RSS (MiB)", "mib", lambda t: t.get("peak_rss"), "whole subprocess, Python and imports included", {"original", "control"}),
     ("Output deviation: max abs", "sci", lambda t: (t.get("deviation") or {}).get("max_abs"), "vs the original at ORT_DISABLE_ALL, worst output", {"original", "control", "floor"}),
     ("Output deviation: relative L2", "sci", lambda t: (t.get("deviation") or {}).get("rel_l2"), "", {"original", "control", "floor"}),
