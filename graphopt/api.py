@@ -21,6 +21,7 @@ from .manager import Instrument, PassCrashed, PassManager
 from .pass_base import Budget, PassContext, get_pass, load_plugin
 from .pipeline import Pipeline, parse_pipeline
 from .report import Report, model_summary
+from .trace import Failure, TraceInstrument, default_repro_dir
 from .verify import Verification, load_eval, verify_models
 
 
@@ -167,14 +168,15 @@ def optimize(
     )
     ctx.model_template = original
     ins = list(instruments)
-    from . import trust
-
-    repro = Path(repro_dir) if repro_dir is not None else (trust.default_repro_dir(output) if output is not None else None)
-    tracer: trust.TraceInstrument | None = None
+    repro = Path(repro_dir) if repro_dir is not None else (default_repro_dir(output) if output is not None else None)
+    tracer: TraceInstrument | None = None
+    each = None  # the --verify each instrument (the tracer too)
     if verify == "each":
-        tracer = trust.VerifyEachInstrument(original, feeds, shapes, seed, pipeline=pipeline)
+        from .trust import VerifyEachInstrument
+
+        tracer = each = VerifyEachInstrument(original, feeds, shapes, seed, pipeline=pipeline)
     elif repro is not None:
-        tracer = trust.TraceInstrument()  # records the passes run, for a reproducer
+        tracer = TraceInstrument()  # records the passes run, for a reproducer
     if tracer is not None:
         ins.append(tracer)
     pm = PassManager(pipeline, ins)
@@ -190,10 +192,11 @@ def optimize(
         if tracer is not None and repro is not None and tracer.failures:
             if source is not None:
                 source.fill(original)  # the reproducer's copy of the input must be whole
-            trust.record_failure(tracer, tracer.failures[-1], repro, original=original, feeds=feeds, ctx=ctx,
-                                 report=report, source=report.input)
+            _record_failure(tracer, tracer.failures[-1], repro, original=original, feeds=feeds, ctx=ctx,
+                            report=report, source=report.input)
             e.args = (f"{e.args[0]}; reproducer: {repro}",)
-        trust.close(tracer)
+        if tracer is not None:
+            tracer.close()
         raise
     t_passes = time.perf_counter() - t0
     ir.toposort(graph)
@@ -230,13 +233,14 @@ def optimize(
     def failed(msg: str) -> VerificationError:
         """The error to raise; first writes a reproducer: the input model and the whole pipeline."""
         if tracer is not None and repro is not None:
-            step = tracer.failures[0] if tracer.failures else trust.Failure(
+            step = tracer.failures[0] if tracer.failures else Failure(
                 "verification", "(the whole pipeline)", msg, 0, exact=not lossy, min_cosine=budget.min_cosine,
                 steps=[s.text for s in tracer.steps])
-            trust.record_failure(tracer, step, repro, original=whole_original(), feeds=vfeeds, ctx=ctx, report=report,
-                                 source=report.input)
+            _record_failure(tracer, step, repro, original=whole_original(), feeds=vfeeds, ctx=ctx, report=report,
+                            source=report.input)
             msg += f" (reproducer: {repro})"
-        trust.close(tracer)
+        if tracer is not None:
+            tracer.close()
         return VerificationError(msg, report.to_dict())
 
     def optimized_whole() -> onnx.ModelProto:
@@ -282,8 +286,8 @@ def optimize(
                 if vfeeds is None:
                     vfeeds = generate_feeds(original, seed=seed, input_shapes=shapes)
                 ref_outs = None
-                if isinstance(tracer, trust.VerifyEachInstrument) and tracer.feeds:  # the original already ran on these
-                    vfeeds, ref_outs = tracer.feeds, tracer.original_outputs
+                if each is not None and each.feeds:  # the original already ran on these
+                    vfeeds, ref_outs = each.feeds, each.original_outputs
                 verification = verify_models(
                     signature if stream else original, optimized, vfeeds, exact=not lossy, budget=budget,
                     eval_data=evald, reference_outputs=ref_outs, original_bytes=original_bytes,
@@ -299,9 +303,10 @@ def optimize(
         else:
             report.verification = {"status": "off"}
         if tracer is not None and tracer.failures and repro is not None:  # --verify each rolled a pass back
-            trust.record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
-                                 report=report, source=report.input)
-        trust.close(tracer)
+            _record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
+                            report=report, source=report.input)
+        if tracer is not None:
+            tracer.close()
         t_verify = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -320,9 +325,16 @@ def optimize(
         report.output = str(out_path)
     report.seconds = {"load": t_load, "passes": t_passes, "verify": t_verify, "save": time.perf_counter() - t0,
                       "total": time.perf_counter() - t_start}
-    if isinstance(tracer, trust.VerifyEachInstrument):  # included in "passes"
-        report.seconds["verify_each"] = tracer.seconds
+    if each is not None:  # included in "passes"
+        report.seconds["verify_each"] = each.seconds
     return OptimizeResult(optimized, report, verification, out_path, unwritten)
+
+
+def _record_failure(*args: Any, **kwargs: Any) -> None:
+    """``trust.record_failure``, imported only when something failed."""
+    from .trust import record_failure
+
+    record_failure(*args, **kwargs)
 
 
 def _signature(model: onnx.ModelProto) -> onnx.ModelProto:

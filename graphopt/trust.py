@@ -33,10 +33,11 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .data import Feeds, generate_feeds
 from .errors import GraphoptError, InputError
-from .manager import Instrument, PassCrashed, PassManager
+from .manager import PassCrashed, PassManager
 from .pass_base import Budget, Pass, PassContext, get_pass
-from .pipeline import format_pass, parse_pipeline
+from .pipeline import parse_pipeline
 from .report import PassRecord
+from .trace import Failure, Step, TraceInstrument, default_repro_dir  # noqa: F401 (part of this module's API)
 from .verify import OutputMetrics, RunError, Runner, compare_outputs, with_outputs
 
 #: Models bigger than this (serialized bytes) are snapshotted to disk instead of kept in RAM.
@@ -97,55 +98,6 @@ class Snapshot:
                     p.unlink()
                 except FileNotFoundError:
                     pass
-
-
-# --------------------------------------------------------------------------------------------------
-# Tracing (for reproducers)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Step:
-    text: str  # the pass as written, with options
-    rewrites_before: int
-    iteration: int | None = None
-
-
-@dataclass
-class Failure:
-    kind: str  # "crash" | "verification"
-    pass_text: str
-    detail: str
-    rewrites_before: int
-    exact: bool = True
-    min_cosine: float | None = None
-    min_top1_agreement: float | None = None
-    snapshot: Snapshot | None = None  # the model before the failing pass (None: the input model)
-    steps: list[str] = field(default_factory=list)  # the pipeline to re-run on that model
-
-
-class TraceInstrument(Instrument):
-    """Records the passes as they run and the first crash, for :func:`write_reproducer`."""
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-        self.failures: list[Failure] = []
-        self.rewrite_limit: int | None = None
-
-    def run_begin(self, graph: gs.Graph, ctx: PassContext) -> None:
-        self.rewrite_limit = ctx.rewrite_limit
-
-    def before_pass(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> None:
-        self.steps.append(Step(format_pass(p), ctx.rewrites))
-
-    def on_crash(self, p: Pass, graph: gs.Graph, ctx: PassContext, exc: BaseException) -> gs.Graph | None:
-        step = self.steps[-1]
-        self.failures.append(Failure("crash", step.text, f"{type(exc).__name__}: {exc}", 0,
-                                     steps=[s.text for s in self.steps]))
-        return None
-
-    def pipeline_so_far(self) -> str:
-        return ",".join(s.text for s in self.steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,12 +312,6 @@ class VerifyEachInstrument(TraceInstrument):
 # --------------------------------------------------------------------------------------------------
 
 
-def default_repro_dir(output: str | os.PathLike) -> Path:
-    """``out/model.opt.onnx`` -> ``out/model.opt.repro``."""
-    p = Path(output)
-    return p.with_name(p.stem + ".repro")
-
-
 def write_reproducer(folder: str | os.PathLike, failure: Failure, *, original: onnx.ModelProto,
                      feeds: list[Feeds], report: dict | None, input_shapes: dict[str, list[int]] | None = None,
                      seed: int = 0, rewrite_limit: int | None = None, budget: Budget | None = None,
@@ -432,7 +378,7 @@ def record_failure(tracer: TraceInstrument, failure: Failure, folder: Path, *, o
 
 
 def close(tracer: TraceInstrument | None) -> None:
-    if isinstance(tracer, VerifyEachInstrument):
+    if tracer is not None:
         tracer.close()
 
 
