@@ -234,3 +234,16 @@ def test_passes_command():
     assert r.returncode == 0 and "fold-constants" in r.stdout and "dce" in r.stdout
     r = _cli("passes", "--preset", "O1")
     assert r.returncode == 0 and "fold-constants" in r.stdout
+
+
+def test_optimize_does_not_import_the_other_commands(model, tmp_path):
+    """bench and bisect (and the reproducer machinery) load when asked for, not on every optimize."""
+    code = ("import sys; from graphopt.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('graphopt.bench', 'graphopt.trust') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, "optimize", str(model), "-o", str(tmp_path / "o.onnx"), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    listed = _cli("--help")
+    assert listed.returncode == 0 and "bench " in listed.stdout and "bisect " in listed.stdout
