@@ -13,7 +13,9 @@ the two load+save timings around it).
 ``--fresh``: every timing in a process of its own, the way ``graphopt optimize`` runs (a long-lived
 process reuses memory the previous call faulted in, which favours whichever call comes second);
 imports and a warm-up call on the bundled tiny model are excluded on every side, and the A, B, A'
-order of a round stays (the peers, unless ``--no-peers``, run between B and A').
+order of a round stays (the peers, unless ``--no-peers``, run between B and A').  ``--no-warmup``
+times the first call instead, as compare.py does: it then carries what a process pays once, such as
+the operator schema registry onnx builds on the first check or shape inference (load+save needs none).
 
 ``--cli``: the commands as a user times them, each a process of its own from interpreter start to exit:
 ``graphopt optimize MODEL -o OUT -O1 --verify off -q`` (the console script beside this Python) against
@@ -101,8 +103,10 @@ elif tool == "onnx":
 else:  # a peer, run as the in-process rounds run it
     sys.path.insert(0, sys.argv[6])
     from simplify import _run_peer
+    __import__(tool)  # (imported inside _run_peer: here, so that no timing includes it)
     run = lambda p, out: _run_peer(tool, p, out)
-run(sys.argv[5], d + "/warm.onnx")  # imports and first-call work, on another (tiny) model
+if sys.argv[5] != "-":
+    run(sys.argv[5], d + "/warm.onnx")  # imports and first-call work, on another (tiny) model
 t = clock()
 run(path, d + "/out.onnx")
 print(clock() - t)
@@ -130,8 +134,9 @@ def _floor(path: str, out: str) -> None:
     os.replace(tmp, out)
 
 
-def _fresh(clock: str, tool: str, path: str, d: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _FRESH, clock, tool, path, d, _TINY, str(Path(__file__).parent)],
+def _fresh(clock: str, tool: str, path: str, d: str, warmup: bool = True) -> float:
+    out = subprocess.run([sys.executable, "-c", _FRESH, clock, tool, path, d, _TINY if warmup else "-",
+                          str(Path(__file__).parent)],
                          capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     if out.returncode != 0:
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="each timing in a fresh process (peers too, unless --no-peers)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="with --fresh: time the first call of the process, as compare.py does (imports still excluded)")
     ap.add_argument("--cli", action="store_true", help="whole commands, interpreter start to exit (peers not timed; "
                     "wall clock)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -183,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cli and (args.fresh or args.clock != "wall"):
         ap.error("--cli times whole commands by the wall clock: not with --fresh or --clock cpu")
     separate = args.fresh or args.cli
+    if args.no_warmup and not args.fresh:
+        ap.error("--no-warmup goes with --fresh")
     if args.floor and separate:
         ap.error("--floor is timed in the in-process rounds: not with --fresh or --cli")
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
@@ -204,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cli:  # the first run of a command may compile and cache modules: not timed
                 _command("graphopt", path, d), _command("onnx", path, d)
             for _ in range(args.rounds if separate else 0):
-                one = (lambda tool: _command(tool, path, d)) if args.cli else (lambda tool: _fresh(args.clock, tool, path, d))
+                one = ((lambda tool: _command(tool, path, d)) if args.cli else
+                       (lambda tool: _fresh(args.clock, tool, path, d, warmup=not args.no_warmup)))
                 a.append(one("onnx"))
                 b.append(one("graphopt"))
                 if args.fresh and not args.no_peers:
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 peer_ratio["floor"] = statistics.median(fi / ai for fi, ai in zip(floor_t, base))
             rows.append((name, n0, n1, res.verification.status, peers, ma, mb, ratio, control, statistics.median(passes_t),
                          peer_ratio))
-    how = (", each timing in a fresh process" if args.fresh else
+    how = (f", each timing in a fresh process{' (its first call)' if args.no_warmup else ''}" if args.fresh else
            f", whole commands (Python caches compiled modules: {'no' if os.environ.get('PYTHONDONTWRITEBYTECODE') else 'yes'})"
            if args.cli else "")
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
