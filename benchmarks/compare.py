@@ -574,12 +574,10 @@ def _fmt(v: Any, kind: str) -> str:
         return str(int(v))
     if kind == "mib":
         return f"{v / 2**20:.2f}"
-    if kind == "s":
+    if kind in ("s", "x"):  # seconds, or a ratio of them
         return f"{v:.2f}" if v < 10 else f"{v:.1f}"
     if kind == "ratio":
         return f"{v:.3f}"
-    if kind == "x":
-        return f"{v:.2f}" if v < 10 else f"{v:.1f}"
     if kind == "sci":
         return "0" if v == 0 else f"{v:.2e}"
     if kind == "cos":

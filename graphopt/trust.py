@@ -377,11 +377,6 @@ def record_failure(tracer: TraceInstrument, failure: Failure, folder: Path, *, o
                             budget=ctx.budget, source=source)
 
 
-def close(tracer: TraceInstrument | None) -> None:
-    if tracer is not None:
-        tracer.close()
-
-
 @dataclass
 class ReplayResult:
     reproduced: bool
