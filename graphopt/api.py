@@ -195,8 +195,8 @@ def optimize(
             _record_failure(tracer, tracer.failures[-1], repro, original=original, feeds=feeds, ctx=ctx,
                             report=report, source=report.input)
             e.args = (f"{e.args[0]}; reproducer: {repro}",)
-        if tracer is not None:
-            tracer.close()
+        if each is not None:
+            each.close()  # (its snapshots, once any reproducer is written)
         raise
     t_passes = time.perf_counter() - t0
     ir.toposort(graph)
@@ -239,8 +239,8 @@ def optimize(
             _record_failure(tracer, step, repro, original=whole_original(), feeds=vfeeds, ctx=ctx, report=report,
                             source=report.input)
             msg += f" (reproducer: {repro})"
-        if tracer is not None:
-            tracer.close()
+        if each is not None:
+            each.close()  # (its snapshots, once any reproducer is written)
         return VerificationError(msg, report.to_dict())
 
     def optimized_whole() -> onnx.ModelProto:
@@ -305,8 +305,8 @@ def optimize(
         if tracer is not None and tracer.failures and repro is not None:  # --verify each rolled a pass back
             _record_failure(tracer, tracer.failures[0], repro, original=original, feeds=vfeeds, ctx=ctx,
                             report=report, source=report.input)
-        if tracer is not None:
-            tracer.close()
+        if each is not None:
+            each.close()  # (its snapshots, once any reproducer is written)
         t_verify = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -65,9 +65,6 @@ class TraceInstrument(Instrument):
     def pipeline_so_far(self) -> str:
         return ",".join(s.text for s in self.steps)
 
-    def close(self) -> None:
-        """Release what the trace holds once any reproducer is written (nothing, here)."""
-
 
 def default_repro_dir(output: str | os.PathLike) -> Path:
     """``out/model.opt.onnx`` -> ``out/model.opt.repro``."""
