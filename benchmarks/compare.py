@@ -432,6 +432,7 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
 
     # 1. every tool in its own subprocess
     outputs: dict[str, Path] = {}
+    timed: list[tuple[str, str, dict[str, Any]]] = []  # the runs that worked, to time again
     for col, tool, opts in tool_plan(case, args):
         if tool == "unavailable":
             rec["tools"][col] = {"error": opts["reason"], "unavailable": True}
@@ -457,8 +458,22 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
             if col != "floor":
                 outputs[col] = dst
         rec["tools"][col] = r
+        if "error" not in r:
+            timed.append((col, tool, o))
         status = f"error: {r['error']}" if "error" in r else f"{r.get('seconds', 0):6.2f} s, {r.get('nodes')} nodes"
         log(f"  {col:18s} {status}")
+    # --time-runs N: N-1 more rounds, every tool once per round (interleaved), its wall time the median
+    for _ in range(args.time_runs - 1):
+        for col, tool, o in timed:
+            again = run_tool(tool, src, ws / f"{col}.again.onnx", o, args.timeout)
+            t = rec["tools"][col]
+            if "seconds" in again:
+                t.setdefault("seconds_runs", [t["seconds"]]).append(again["seconds"])
+    for t in rec["tools"].values():
+        if "seconds_runs" in t:
+            t["seconds"] = float(np.median(t["seconds_runs"]))
+    if args.time_runs > 1:
+        log(f"  wall times: medians of {args.time_runs} interleaved runs")
 
     floor_ratios(rec["tools"])
 
@@ -595,8 +610,8 @@ METRICS: list[tuple[str, str, Callable[[dict], Any], str, set[str]]] = [
     ("File size (MiB)", "mib", lambda t: t.get("bytes"), "", {"control"}),
     ("Optimizer wall time (s)", "s", lambda t: t.get("seconds"), "load -> optimize -> save in the tool's own process, imports excluded; "
      "graphopt includes its verification (not in " + NOVERIFY + "); floor = onnx.load + onnx.save", {"original", "control"}),
-    ("Optimizer wall time / floor", "x", lambda t: t.get("x_floor"), "one run each, so read it with the noise of a single "
-     "timing (benchmarks/simplify.py --fresh repeats the floor and -O1 timings in interleaved rounds)", {"original", "control", "floor"}),
+    ("Optimizer wall time / floor", "x", lambda t: t.get("x_floor"), "of the wall times above: with one run per tool (see the header), "
+     "read it with the noise of a single timing", {"original", "control", "floor"}),
     ("Optimizer peak RSS (MiB)", "mib", lambda t: t.get("peak_rss"), "whole subprocess, Python and imports included", {"original", "control"}),
     ("Output deviation: max abs", "sci", lambda t: (t.get("deviation") or {}).get("max_abs"), "vs the original at ORT_DISABLE_ALL, worst output", {"original", "control", "floor"}),
     ("Output deviation: relative L2", "sci", lambda t: (t.get("deviation") or {}).get("rel_l2"), "", {"original", "control", "floor"}),
@@ -629,7 +644,7 @@ def noise_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 def write_results(results: list[dict[str, Any]], env: dict[str, Any], args, out: Path, elapsed: float, done: bool) -> None:
     noise = noise_summary(results)
     data = {"environment": env, "config": {"rounds": args.rounds, "latency_budget_s": args.latency_budget, "warmup": args.warmup,
-            "min_sample_s": args.min_sample, "clock": getattr(args, "clock", "wall"),
+            "min_sample_s": args.min_sample, "clock": getattr(args, "clock", "wall"), "time_runs": getattr(args, "time_runs", 1),
             "timeout_s": args.timeout, "quick": args.quick, "int8": args.int8, "threads": 1},
             "elapsed_s": elapsed, "complete": done, "noise": noise, "models": results}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -654,6 +669,9 @@ def markdown(data: dict[str, Any]) -> str:
                  f"({'-'.join(str(x) for x in (rounds[:1] + rounds[-1:])) if rounds else '?'} rounds here); a sample is >= "
                  f"{c['min_sample_s'] * 1000:g} ms of calls, timed by {'thread CPU time' if c.get('clock') == 'cpu' else 'wall clock'}; "
                  f"ratio = tool / original; tool timeout {c['timeout_s']:.0f} s")
+    runs = c.get("time_runs", 1)
+    lines.append(f"- optimizer wall time: {'median of ' + str(runs) + ' interleaved runs' if runs > 1 else 'one run'} per tool "
+                 "(`--time-runs`; benchmarks/simplify.py repeats the floor and -O1 timings in rounds of its own)")
     lines.append("- graphopt presets at run time: " + "; ".join(f"{k} = `{v or '(nothing)'}`" for k, v in env["presets"].items()))
     lines.append("- registered passes: " + ", ".join(env["passes"]))
     if noise:
@@ -753,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                          "thread), so time preempted by other processes on a shared machine drops out")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-sample", type=float, default=None, help="seconds per latency sample (default 0.002)")
+    ap.add_argument("--time-runs", type=int, default=1, metavar="N",
+                    help="run every tool N times, interleaved, and report the median wall time (default 1)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per tool run (default 600, quick 180)")
     ap.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/latest, quick: results/quick)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the optimized models in this folder")

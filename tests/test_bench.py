@@ -168,6 +168,7 @@ def test_compare_markdown_tables(compare):
     assert "## Node count" in md and "| m | 10 |  | 8 | fail |" in md  # floor has no node count here
     assert "## Latency ratio vs original, ORT_DISABLE_ALL, median" in md and "| 0.900 |" in md
     assert "## Optimizer wall time / floor" in md and "| m | 50.0 | fail |" in md
+    assert "optimizer wall time: one run per tool" in md
     assert "**noise**" in md and "1.050" in md
     assert "m / onnxsim: RuntimeError: boom" in md
 
@@ -176,12 +177,14 @@ def test_compare_markdown_tables(compare):
 def test_compare_end_to_end_on_tiny(tmp_path, fixtures_dir, compare):
     out = tmp_path / "res"
     p = subprocess.run([sys.executable, str(COMPARE), "--models", str(fixtures_dir / "tiny_cnn.onnx"), "--rounds", "2",
-                        "--latency-budget", "0.2", "--int8", "--out", str(out)], capture_output=True, text=True, timeout=900)
+                        "--latency-budget", "0.2", "--int8", "--time-runs", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     d = json.loads(out.with_suffix(".json").read_text())
     tools = d["models"][0]["tools"]
     assert {"floor", "graphopt-O1", compare.NOVERIFY, "onnxsim", "onnxslim", "onnxoptimizer", "ort-basic", "ort-all", "control"} <= set(tools)
     assert tools["control"]["latency_all"]["ratio_median"] > 0
     assert tools[compare.NOVERIFY]["verification"] == "off" and tools[compare.NOVERIFY]["x_floor"] > 0
+    runs = tools["floor"]["seconds_runs"]  # --time-runs 2: the median of both runs
+    assert len(runs) == 2 and tools["floor"]["seconds"] == pytest.approx(sum(runs) / 2)
     assert "latency_all" not in tools[compare.NOVERIFY]  # the verified -O1's model: not timed twice
     assert "## Node count" in out.with_suffix(".md").read_text()
