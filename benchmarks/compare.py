@@ -610,8 +610,8 @@ METRICS: list[tuple[str, str, Callable[[dict], Any], str, set[str]]] = [
     ("File size (MiB)", "mib", lambda t: t.get("bytes"), "", {"control"}),
     ("Optimizer wall time (s)", "s", lambda t: t.get("seconds"), "load -> optimize -> save in the tool's own process, imports excluded; "
      "graphopt includes its verification (not in " + NOVERIFY + "); floor = onnx.load + onnx.save", {"original", "control"}),
-    ("Optimizer wall time / floor", "x", lambda t: t.get("x_floor"), "of the wall times above: with one run per tool (see the header), "
-     "read it with the noise of a single timing", {"original", "control", "floor"}),
+    ("Optimizer wall time / floor", "x", lambda t: t.get("x_floor"), "the wall times above over the floor's (the header says how many runs "
+     "each is; one run has the noise of a single timing)", {"original", "control", "floor"}),
     ("Optimizer peak RSS (MiB)", "mib", lambda t: t.get("peak_rss"), "whole subprocess, Python and imports included", {"original", "control"}),
     ("Output deviation: max abs", "sci", lambda t: (t.get("deviation") or {}).get("max_abs"), "vs the original at ORT_DISABLE_ALL, worst output", {"original", "control", "floor"}),
     ("Output deviation: relative L2", "sci", lambda t: (t.get("deviation") or {}).get("rel_l2"), "", {"original", "control", "floor"}),
