@@ -465,7 +465,9 @@ def measure_model(case: ModelCase, args, workdir: Path, log: Callable[[str], Non
     # --time-runs N: N-1 more rounds, every tool once per round (interleaved), its wall time the median
     for _ in range(args.time_runs - 1):
         for col, tool, o in timed:
-            again = run_tool(tool, src, ws / f"{col}.again.onnx", o, args.timeout)
+            scratch = ws / f"{col}.again.onnx"
+            again = run_tool(tool, src, scratch, o, args.timeout)
+            scratch.unlink(missing_ok=True)  # (a timing run: its model is the first run's, kept or not)
             t = rec["tools"][col]
             if "seconds" in again:
                 t.setdefault("seconds_runs", [t["seconds"]]).append(again["seconds"])
